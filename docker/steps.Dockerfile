@@ -1,0 +1,75 @@
+# lmforge pipeline-steps image (CPU): the `base_image` of every KFP component
+# but training. KFP sets the command of each step, so the image only has to hold
+# an environment in which `lmforge` and its lazy imports (fairseq, mlflow,
+# boto3, kubernetes) all import.
+#
+#   docker build -f docker/steps.Dockerfile -t lmforge-steps:0.1.0 .
+#
+# Build context: the repository root (see /.dockerignore). linux/amd64 only:
+# the ve-fairseq wheel is published for manylinux x86_64 alone.
+#
+# The install order is scripts/install.sh's, minus the test extra:
+#   1. torch pinned exactly, as the CPU wheel (~200 MB; PyPI's Linux default is
+#      the multi-GB CUDA build). --no-deps: torch's own dependencies are
+#      resolved in step 2, held to requirements.lock with everything else;
+#   2. lmforge's dependencies held to requirements.lock (layer cached until
+#      pyproject.toml or the lock changes);
+#   3. ve-fairseq --no-deps (its wheel declares torchaudio, which would pull
+#      another torch; its real runtime needs came with step 2);
+#   4. lmforge itself, non-editable, last, so a source change rebuilds one
+#      small layer.
+
+FROM python:3.11-slim-bookworm AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+COPY pyproject.toml requirements.lock ./
+
+# Steps 1 and 2. The dependency list is read from pyproject.toml so that it has
+# one home; the lock pins every version that resolution reaches.
+RUN pip install --no-cache-dir --no-deps \
+        --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
+    && pip install --no-cache-dir --no-deps ve-fairseq==0.12.3
+
+# Step 4, then a smoke import: a missing runtime dependency fails the build,
+# not the first pipeline run.
+COPY src ./src
+RUN pip install --no-cache-dir --no-deps -c requirements.lock . \
+    && python -c "import torch, fairseq, mlflow, boto3, kfp, lmforge; assert torch.__version__.startswith('2.13.0')" \
+    && lmforge --version
+
+
+FROM python:3.11-slim-bookworm
+
+LABEL org.opencontainers.image.title="lmforge-steps" \
+      org.opencontainers.image.description="lmforge Kubeflow Pipelines steps (CPU)" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# A numeric UID: Kubernetes can only enforce runAsNonRoot for a numeric USER.
+RUN groupadd --gid 10001 lmforge \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin lmforge
+
+COPY --from=builder /opt/venv /opt/venv
+
+# GIT_PYTHON_REFRESH=quiet: mlflow imports GitPython, which warns on every
+# import when git is absent; git is not needed in a step.
+ENV PATH=/opt/venv/bin:$PATH \
+    VIRTUAL_ENV=/opt/venv \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    GIT_PYTHON_REFRESH=quiet \
+    HOME=/home/lmforge
+
+USER 10001:10001
+WORKDIR /home/lmforge
+
+CMD ["lmforge", "--help"]

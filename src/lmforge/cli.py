@@ -1,0 +1,263 @@
+"""The `lmforge` command: the whole pipeline, each step by hand, compile, and the worker.
+
+    lmforge run --config pipelines/configs/tiny.yaml --corpus DIR
+    lmforge compile
+    lmforge download|preprocess|train|evaluate|register ...
+    lmforge worker ...            (what every training process runs)
+    lmforge config show|docs
+
+A user's mistake prints one line (`lmforge: error: ...`) and exits non-zero:
+2 for an invalid config, 1 for anything else the user can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmforge import __version__
+from lmforge import config as config_mod
+from lmforge.config import RunConfig
+from lmforge.errors import ConfigError, LmforgeError
+
+
+def run_guarded(action: Callable[[], Any]) -> int:
+    """Run `action`; a user error becomes one line on stderr and its exit status."""
+    try:
+        action()
+    except LmforgeError as exc:
+        print(f"lmforge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+# --------------------------------------------------------------------------- config helpers
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, default: str | None = "wikitext-2") -> None:
+    parser.add_argument(
+        "--config", "-c", default=None,
+        help=f"run config YAML (default: the shipped {default} config)" if default else "run config YAML",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set train.max_epoch=3 (repeatable)",
+    )
+
+
+def load_config(args: argparse.Namespace, *, corpus: str | None = None) -> RunConfig:
+    path = args.config or config_mod.shipped_config_path("wikitext-2")
+    overrides = list(args.overrides)
+    cfg = config_mod.load(path, overrides)
+    if corpus:
+        # A corpus given on the command line replaces the config's source and
+        # everything that described that source (pins, archive members).
+        cfg = cfg.replace(corpus=config_mod.CorpusConfig(source=corpus))
+    return cfg
+
+
+def resolve_local_paths(cfg: RunConfig) -> RunConfig:
+    """Absolute paths for the local parts of the config: steps run in other processes and directories."""
+    corpus = cfg.corpus
+    if "://" not in corpus.source:
+        source = Path(corpus.source).expanduser()
+        if not source.exists():
+            raise LmforgeError(
+                f"corpus {corpus.source} does not exist; pass --corpus DIR (train.txt, valid.txt, test.txt) "
+                "or set corpus.source"
+            )
+        corpus = config_mod.CorpusConfig(
+            source=str(source.resolve()), sha256=corpus.sha256, size=corpus.size, members=corpus.members
+        )
+    storage = cfg.storage
+    if "://" not in storage.root:
+        storage = config_mod.StorageConfig(root=str(Path(storage.root).expanduser().resolve()))
+    return cfg.replace(corpus=corpus, storage=storage)
+
+
+def check_against_fairseq(cfg: RunConfig) -> None:
+    """Names fairseq must know, checked before any step starts."""
+    from lmforge import fairseq_api
+
+    problems = []
+    if cfg.model.arch not in fairseq_api.architectures():
+        lm_archs = sorted(a for a in fairseq_api.architectures() if "lm" in a)
+        problems.append(f"model.arch: unknown fairseq architecture {cfg.model.arch!r} (language models: {', '.join(lm_archs)})")
+    if cfg.model.criterion not in fairseq_api.criteria():
+        problems.append(f"model.criterion: unknown fairseq criterion {cfg.model.criterion!r}")
+    if problems:
+        raise ConfigError(problems)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from lmforge.pipeline.local_run import run_pipeline
+
+    cfg = resolve_local_paths(load_config(args, corpus=args.corpus))
+    check_against_fairseq(cfg)
+    result = run_pipeline(cfg)
+    print(f"test perplexity: {result['perplexity']:.2f}")
+    print(f"outputs:         {result['run_dir']}")
+    print(f"MLflow:          {result['tracking_uri']} (run {result['mlflow_run_id']})")
+    print(f"model:           {result['model_uri']}")
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from lmforge.pipeline.compile import compile_all
+
+    for path in compile_all(Path(args.out_dir)):
+        print(path)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from lmforge.download import download_corpus
+
+    manifest = download_corpus(args.source, args.out, sha256=args.sha256, size=args.size, cache_dir=args.cache_dir)
+    print(json.dumps(manifest, indent=2))
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from lmforge.preprocess import preprocess
+
+    cfg = load_config(args).preprocess
+    summary = preprocess(
+        args.corpus, args.out, threshold=cfg.threshold, nwords=cfg.nwords,
+        padding_factor=cfg.padding_factor, workers=args.workers or cfg.workers,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lmforge.train import train
+
+    cfg = load_config(args)
+    check_against_fairseq(cfg)
+    print(json.dumps(train(cfg, args.data_bin, args.checkpoints), indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from lmforge.evaluate import evaluate
+
+    print(json.dumps(evaluate(load_config(args), args.data_bin, args.checkpoint), indent=2))
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from lmforge import tracking
+    from lmforge.register import register_model
+
+    cfg = resolve_storage(load_config(args))
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.storage.root)
+    run_id = args.run_id or tracking.pipeline_run(
+        uri, cfg.tracking.experiment, f"manual-{Path(args.checkpoint).resolve().parent.name}",
+        storage_root=cfg.storage.root,
+    )
+    result = register_model(
+        checkpoint=args.checkpoint, dict_path=Path(args.data_bin) / "dict.txt", model_name=cfg.registry.model_name,
+        alias=cfg.registry.alias, tracking_uri=uri, run_id=run_id, tags={"config_hash": cfg.config_hash()},
+    )
+    print(json.dumps(result, indent=2))
+
+
+def resolve_storage(cfg: RunConfig) -> RunConfig:
+    if "://" in cfg.storage.root:
+        return cfg
+    return cfg.replace(storage=config_mod.StorageConfig(root=str(Path(cfg.storage.root).resolve())))
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    if args.action == "docs":
+        for name, text, default in config_mod.field_docs():
+            print(f"{name} (default {json.dumps(default)}):\n    {text}")
+        return
+    print(json.dumps(load_config(args).to_dict(), indent=2))
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from lmforge import worker
+
+    worker.run(args.config, args.data, args.save_dir, tracking_uri=args.tracking_uri, mlflow_run_id=args.mlflow_run_id)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Train, evaluate and register fairseq language models.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole pipeline on this machine (KFP local runner)")
+    add_config_arguments(p)
+    p.add_argument("--corpus", help="local corpus directory (train.txt, valid.txt, test.txt); replaces corpus.source")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compile", help="compile the pipeline and components to YAML for Kubeflow")
+    p.add_argument("--out-dir", default=".", help="repository root to write pipelines/ and components/ into")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("download", help="fetch and verify a corpus into a directory")
+    p.add_argument("--source", required=True, help="directory, file, file://, http(s):// URL")
+    p.add_argument("--out", required=True, help="output corpus directory")
+    p.add_argument("--sha256", help="pinned sha256 of the downloaded file")
+    p.add_argument("--size", type=int, help="pinned size in bytes")
+    p.add_argument("--cache-dir", help="content-addressed download cache")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("preprocess", help="dict.txt and binarized splits, as fairseq-preprocess --only-source")
+    add_config_arguments(p)
+    p.add_argument("--corpus", required=True, help="directory with train.txt, valid.txt, test.txt")
+    p.add_argument("--out", required=True, help="output data-bin directory")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: preprocess.workers)")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="train with fairseq through the configured launcher")
+    add_config_arguments(p)
+    p.add_argument("--data-bin", required=True, help="preprocess output")
+    p.add_argument("--checkpoints", required=True, help="checkpoint directory (resumed when it has checkpoint_last.pt)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="loss and perplexity with fairseq's eval-lm logic")
+    add_config_arguments(p)
+    p.add_argument("--data-bin", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("register", help="register a checkpoint in the MLflow model registry")
+    add_config_arguments(p)
+    p.add_argument("--data-bin", required=True, help="directory holding the checkpoint's dict.txt")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--run-id", help="MLflow run to log the model into (default: a new one)")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("config", help="show the resolved config, or document every field")
+    p.add_argument("action", choices=["show", "docs"])
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("worker", help="one training process (started by torchrun or a PyTorchJob)")
+    from lmforge.worker import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lmforge.logs import setup_logging
+
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    return run_guarded(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

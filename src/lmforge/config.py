@@ -1,0 +1,385 @@
+"""The run config: one YAML file describing a whole run, loaded into typed objects.
+
+In:  a YAML file (`pipelines/configs/*.yaml`) and `--set section.field=value`
+     overrides. Out: a frozen `RunConfig`; the same object feeds the CLI, the
+     pipeline parameters (as JSON) and every step.
+
+    lmforge config show --config pipelines/configs/tiny.yaml --set train.max_epoch=3
+
+Every field carries its documentation in `metadata["doc"]` (shown by
+`lmforge config docs`). Validation collects every problem and raises one
+`ConfigError` naming each field, before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import ConfigError
+
+SPLITS = ("train", "valid", "test")
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its documentation attached."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where the text comes from."""
+
+    source: str = doc(
+        "Corpus location: a local directory or file, file://, http(s):// (plain text, .zip, "
+        ".tar.gz/.tgz) or s3://bucket/key. A directory holds train.txt, valid.txt, test.txt "
+        "(or WikiText's wiki.{train,valid,test}.tokens).",
+        "",
+    )
+    sha256: str | None = doc("Pinned sha256 of the downloaded file (archive or text); checked when set.", None)
+    size: int | None = doc("Pinned size in bytes of the downloaded file; checked when set.", None)
+    members: dict[str, str] = doc(
+        "Archive member (or file name inside a directory) for each split, e.g. "
+        "{train: wikitext-2/wiki.train.tokens}. Empty: found by name.",
+        factory=dict,
+    )
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Tokenization and the fairseq dictionary (fairseq-preprocess --only-source options)."""
+
+    tokenizer: str = doc("Tokenizer applied before counting: 'none' (whitespace tokens, as WikiText ships them).", "none")
+    threshold: int = doc("Map words appearing <= threshold times to <unk> (fairseq --thresholdsrc).", 0)
+    nwords: int = doc("Keep at most this many words in the dictionary, -1 for all (fairseq --nwordssrc).", -1)
+    padding_factor: int = doc("Pad the dictionary size to a multiple of this (fairseq --padding-factor).", 8)
+    workers: int = doc("Processes used to count and binarize on one machine.", 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fairseq architecture."""
+
+    arch: str = doc("fairseq architecture name, e.g. transformer_lm, transformer_lm_gpt2_small, lstm_lm.", "transformer_lm")
+    criterion: str = doc("fairseq criterion: cross_entropy, adaptive_loss, label_smoothed_cross_entropy.", "cross_entropy")
+    options: dict[str, Any] = doc(
+        "Extra architecture options passed to fairseq-train as --key value "
+        "(underscores become dashes; true is a bare flag), e.g. {decoder_layers: 2}.",
+        factory=dict,
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """fairseq-train settings and how training processes are launched."""
+
+    launcher: str = doc("How workers start: 'local' (torchrun on this machine).", "local")
+    nproc: int = doc("Training processes per node (torchrun --nproc-per-node); GPUs where present, else CPU/gloo.", 2)
+    max_epoch: int = doc("Stop after this many epochs (0: no limit).", 5)
+    max_update: int = doc("Stop after this many updates (0: no limit).", 0)
+    tokens_per_sample: int = doc("Tokens per training sample (fairseq --tokens-per-sample).", 512)
+    sample_break_mode: str = doc("none, complete, complete_doc or eos (fairseq --sample-break-mode).", "none")
+    max_tokens: int = doc("Tokens per batch per process (fairseq --max-tokens).", 2048)
+    update_freq: int = doc("Gradient accumulation steps (fairseq --update-freq).", 1)
+    optimizer: str = doc("fairseq optimizer.", "adam")
+    lr: float = doc("Peak learning rate.", 0.0005)
+    lr_scheduler: str = doc("fairseq learning-rate scheduler.", "inverse_sqrt")
+    warmup_updates: int = doc("Warm-up updates for the scheduler.", 100)
+    weight_decay: float = doc("Weight decay.", 0.01)
+    dropout: float = doc("Dropout.", 0.1)
+    clip_norm: float = doc("Gradient clipping norm (0: off).", 0.0)
+    seed: int = doc("Random seed.", 1)
+    precision: str = doc("fp32, fp16 or bf16 (fp16/bf16 need a GPU).", "fp32")
+    log_interval: int = doc("Log training metrics every this many updates.", 10)
+    extra_args: dict[str, Any] = doc("Any other fairseq-train option, as --key value (true is a bare flag).", factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Perplexity on a held-out split with fairseq's eval-lm logic."""
+
+    split: str = doc("Split to score: test or valid.", "test")
+    context_window: int = doc("Tokens of left context each scored token sees (fairseq-eval-lm --context-window).", 0)
+    tokens_per_sample: int = doc("Block size for scoring; 0 takes train.tokens_per_sample.", 0)
+    max_tokens: int = doc("Tokens per evaluation batch.", 4096)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """The MLflow model registry entry for the trained model."""
+
+    model_name: str = doc("Registered model name.", "lmforge-lm")
+    alias: str = doc("Alias given to the new version.", "champion")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking."""
+
+    uri: str = doc("MLflow tracking URI; empty: a SQLite file mlflow.db under storage.root.", "")
+    experiment: str = doc("MLflow experiment name.", "lmforge")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where run outputs land."""
+
+    root: str = doc("Root for every run's outputs (local path, relative to the current directory).", "runs")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of the pipeline."""
+
+    name: str = doc("Name of this run config; used in output paths.", "lmforge")
+    corpus: CorpusConfig = doc("Corpus source.", factory=CorpusConfig)
+    preprocess: PreprocessConfig = doc("Preprocessing.", factory=PreprocessConfig)
+    model: ModelConfig = doc("Model.", factory=ModelConfig)
+    train: TrainConfig = doc("Training.", factory=TrainConfig)
+    evaluate: EvaluateConfig = doc("Evaluation.", factory=EvaluateConfig)
+    registry: RegistryConfig = doc("Model registry.", factory=RegistryConfig)
+    tracking: TrackingConfig = doc("Tracking.", factory=TrackingConfig)
+    storage: StorageConfig = doc("Storage.", factory=StorageConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON form: the config's identity in lineage tags."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def replace(self, **sections: Any) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Coerce `value` to `tp` where the coercion is lossless (int -> float), else record a problem."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], path, problems)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return tp()
+        return _build(tp, value, path, problems)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return {}
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
+        problems.append(f"{path}: expected {tp.__name__}, got {value!r}")
+        return value
+    if not isinstance(value, tp):
+        problems.append(f"{path}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            problems.append(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _check_value(data[f.name], hints[f.name], where, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError:  # only reachable when a nested value failed its check already
+        return cls()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_epoch=3` -> (["train", "max_epoch"], 3); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {text!r}: expected section.field=value"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"--set {text!r}: {part} is not a section"])
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist (pass --config with a YAML file)"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError([f"{path}:{where}: malformed YAML ({problem}); fix the file"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Typed config from plain data; raises one ConfigError listing every problem."""
+    problems: list[str] = []
+    cfg = _build(RunConfig, data, "", problems)
+    if not problems:
+        problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def from_json(text: str) -> RunConfig:
+    return from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------- validation
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Problems that need no I/O and no fairseq import; empty when the config is valid."""
+    p: list[str] = []
+    if not _NAME.match(cfg.name):
+        p.append(f"name: {cfg.name!r} must be letters, digits, '.', '_' or '-'")
+    c = cfg.corpus
+    if not c.source:
+        p.append("corpus.source: empty; set a directory, file, URL or s3:// URI (or pass --corpus DIR)")
+    if c.sha256 is not None and not _SHA256.match(c.sha256):
+        p.append(f"corpus.sha256: {c.sha256!r} is not 64 lowercase hex digits")
+    if c.size is not None and c.size <= 0:
+        p.append(f"corpus.size: {c.size} must be positive")
+    for split in c.members:
+        if split not in SPLITS:
+            p.append(f"corpus.members.{split}: unknown split (use {', '.join(SPLITS)})")
+    pp = cfg.preprocess
+    if pp.tokenizer != "none":
+        p.append(f"preprocess.tokenizer: {pp.tokenizer!r} is not supported (use 'none')")
+    if pp.padding_factor < 1:
+        p.append(f"preprocess.padding_factor: {pp.padding_factor} must be >= 1")
+    if pp.nwords == 0 or pp.nwords < -1:
+        p.append(f"preprocess.nwords: {pp.nwords} must be -1 (all) or positive")
+    if pp.threshold < 0:
+        p.append(f"preprocess.threshold: {pp.threshold} must be >= 0")
+    if pp.workers < 1:
+        p.append(f"preprocess.workers: {pp.workers} must be >= 1")
+    t = cfg.train
+    if t.launcher != "local":
+        p.append(f"train.launcher: {t.launcher!r} is not supported (use 'local')")
+    for name in ("nproc", "tokens_per_sample", "max_tokens", "update_freq", "log_interval"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name}: {getattr(t, name)} must be >= 1")
+    for name in ("max_epoch", "max_update", "warmup_updates"):
+        if getattr(t, name) < 0:
+            p.append(f"train.{name}: {getattr(t, name)} must be >= 0")
+    if t.max_epoch == 0 and t.max_update == 0:
+        p.append("train.max_epoch: set max_epoch or max_update, or training never stops")
+    if t.lr <= 0:
+        p.append(f"train.lr: {t.lr} must be positive")
+    if t.sample_break_mode not in ("none", "complete", "complete_doc", "eos"):
+        p.append(f"train.sample_break_mode: {t.sample_break_mode!r} (use none, complete, complete_doc or eos)")
+    if t.precision not in ("fp32", "fp16", "bf16"):
+        p.append(f"train.precision: {t.precision!r} (use fp32, fp16 or bf16)")
+    if not 0 <= t.dropout < 1:
+        p.append(f"train.dropout: {t.dropout} must be in [0, 1)")
+    e = cfg.evaluate
+    if e.split not in ("test", "valid"):
+        p.append(f"evaluate.split: {e.split!r} (use test or valid)")
+    if e.context_window < 0:
+        p.append(f"evaluate.context_window: {e.context_window} must be >= 0")
+    if e.tokens_per_sample < 0 or e.max_tokens < 1:
+        p.append("evaluate.tokens_per_sample must be >= 0 and evaluate.max_tokens >= 1")
+    if e.context_window and e.context_window >= (e.tokens_per_sample or t.tokens_per_sample):
+        p.append("evaluate.context_window: must be smaller than the evaluation tokens_per_sample")
+    if not _NAME.match(cfg.registry.model_name):
+        p.append(f"registry.model_name: {cfg.registry.model_name!r} must be letters, digits, '.', '_' or '-'")
+    if not re.match(r"^[A-Za-z][A-Za-z0-9_-]*$", cfg.registry.alias) or re.match(r"^v\d+$", cfg.registry.alias):
+        p.append(f"registry.alias: {cfg.registry.alias!r} must be a name like 'champion' (not vN)")
+    if not cfg.tracking.experiment:
+        p.append("tracking.experiment: empty; name an MLflow experiment")
+    if not cfg.storage.root:
+        p.append("storage.root: empty; name a directory for run outputs")
+    return p
+
+
+def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted name, documentation, default) for every leaf field, for `lmforge config docs`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if _is_dataclass_type(hints[f.name]):
+            rows.extend(field_docs(hints[f.name], name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((name, f.metadata["doc"], default))
+    return rows
+
+
+# --------------------------------------------------------------------------- shipped configs
+
+SHIPPED = Path(__file__).parent / "configs"  # pipelines/configs/ links here
+
+
+def shipped_config_path(name: str) -> Path:
+    return SHIPPED / f"{name}.yaml"
+
+
+def default_config() -> RunConfig:
+    """The default run: WikiText-2 from its official location."""
+    return load(shipped_config_path("wikitext-2"))

@@ -1,0 +1,86 @@
+"""The one place lmforge calls fairseq's training and evaluation entry points in-process.
+
+In: argument lists built by `lmforge.fairseq_args`. Out: fairseq's own results
+(training writes checkpoints; eval-lm returns loss and perplexity). fairseq is
+imported inside each function: importing it costs ~5 s and is only needed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
+
+
+def _parse(parser_factory: Callable[[], Any], argv: list[str]) -> Any:
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = parser_factory()
+    try:
+        args = options.parse_args_and_arch(parser, input_args=argv)
+    except SystemExit as exc:  # argparse already printed what was wrong
+        raise LmforgeError(f"fairseq rejected the arguments (exit {exc.code}); see the message above") from None
+    return convert_namespace_to_omegaconf(args)
+
+
+def architectures() -> set[str]:
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    return set(ARCH_MODEL_REGISTRY)
+
+
+def criteria() -> set[str]:
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    return set(CRITERION_REGISTRY)
+
+
+def train(argv: list[str]) -> None:
+    """fairseq-train in this process; the distributed placement is in argv (see fairseq_args)."""
+    from fairseq import options
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq_cli import train as fairseq_train
+
+    cfg = _parse(options.get_training_parser, argv)
+    distributed_utils.call_main(cfg, fairseq_train.main)
+
+
+def eval_lm(argv: list[str]) -> dict[str, float]:
+    """fairseq-eval-lm in this process: {'loss' (base 2), 'perplexity', 'tokens', 'seconds'}."""
+    from fairseq import options
+    from fairseq_cli import eval_lm as fairseq_eval_lm
+
+    cfg = _parse(options.get_eval_lm_parser, argv)
+    counter = _TokenCounter()
+    eval_logger = logging.getLogger(fairseq_eval_lm.__name__)
+    eval_logger.addHandler(counter)
+    started = time.perf_counter()
+    try:
+        results = fairseq_eval_lm.main(cfg)
+    finally:
+        eval_logger.removeHandler(counter)
+    return {
+        "loss": float(results["loss"]),
+        "perplexity": float(results["perplexity"]),
+        "tokens": counter.tokens,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+class _TokenCounter(logging.Handler):
+    """Reads fairseq-eval-lm's 'Evaluated N tokens' line: main() returns only loss and perplexity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Evaluated "):
+            self.tokens = int(message.split()[1].replace(",", ""))

@@ -1,0 +1,121 @@
+"""Pure functions that turn a run config into fairseq command lines.
+
+In: a `RunConfig`, paths and the distributed placement of one process.
+Out: argument lists for fairseq-train and fairseq-eval-lm (without the program
+name), fed to `lmforge.fairseq_api` in-process or to the CLIs by hand
+(`bench/e2e.py` does the latter with these very lists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one training process sits in the job."""
+
+    world_size: int = 1
+    rank: int = 0
+    device_id: int = 0  # fairseq ignores LOCAL_RANK, so the worker passes it here
+    cuda: bool = False
+
+
+def option_args(options: dict[str, Any]) -> list[str]:
+    """{decoder_layers: 2, share_x: true, y: false} -> ['--decoder-layers', '2', '--share-x'].
+
+    `false` and `null` leave the option out, which is fairseq's default for flags.
+    """
+    args: list[str] = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            args += [flag, "(" + ", ".join(str(v) for v in value) + ")"]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placement = Placement()) -> list[str]:
+    """fairseq-train arguments for one process of the job."""
+    t, m = cfg.train, cfg.model
+    args = [
+        data_dir,
+        "--task", "language_modeling",
+        "--arch", m.arch,
+        "--criterion", m.criterion,
+        "--optimizer", t.optimizer,
+        "--lr", str(t.lr),
+        "--lr-scheduler", t.lr_scheduler,
+        "--weight-decay", str(t.weight_decay),
+        "--dropout", str(t.dropout),
+        "--clip-norm", str(t.clip_norm),
+        "--tokens-per-sample", str(t.tokens_per_sample),
+        "--sample-break-mode", t.sample_break_mode,
+        "--max-tokens", str(t.max_tokens),
+        "--update-freq", str(t.update_freq),
+        "--max-epoch", str(t.max_epoch),
+        "--max-update", str(t.max_update),
+        "--seed", str(t.seed),
+        "--save-dir", save_dir,
+        # last and best only: every epoch's copy costs disk and upload time
+        "--no-epoch-checkpoints",
+        "--log-format", "json",
+        "--log-interval", str(t.log_interval),
+        "--skip-invalid-size-inputs-valid-test",
+    ]
+    if t.warmup_updates:
+        args += ["--warmup-updates", str(t.warmup_updates)]
+    if t.optimizer == "adam":
+        args += ["--adam-betas", "(0.9, 0.98)"]
+    if t.precision == "fp16":
+        args.append("--fp16")
+    elif t.precision == "bf16":
+        args.append("--bf16")
+    if not placement.cuda:
+        args.append("--cpu")
+    if placement.world_size > 1:
+        args += [
+            # fairseq's own environment detection divides WORLD_SIZE by the CUDA
+            # device count (0 on CPU); the placement is therefore passed explicitly.
+            "--distributed-world-size", str(placement.world_size),
+            "--distributed-rank", str(placement.rank),
+            "--distributed-init-method", "env://",
+            "--distributed-no-spawn",
+            "--device-id", str(placement.device_id),
+            "--distributed-backend", "nccl" if placement.cuda else "gloo",
+        ]
+        if not placement.cuda or m.criterion == "adaptive_loss":
+            # pytorch_ddp hands device_ids to DDP, which fails for CPU modules;
+            # adaptive_loss needs legacy_ddp under any DDP.
+            args += ["--ddp-backend", "legacy_ddp"]
+    return args + option_args(m.options) + option_args(t.extra_args)
+
+
+def eval_lm_args(
+    cfg: RunConfig, data_dir: str, checkpoint: str, *, split: str | None = None, cuda: bool = False
+) -> list[str]:
+    """fairseq-eval-lm arguments scoring `split` with the config's evaluation settings."""
+    e = cfg.evaluate
+    args = [
+        data_dir,
+        "--task", "language_modeling",
+        "--path", checkpoint,
+        "--gen-subset", split or e.split,
+        "--tokens-per-sample", str(e.tokens_per_sample or cfg.train.tokens_per_sample),
+        "--context-window", str(e.context_window),
+        "--max-tokens", str(e.max_tokens),
+        "--sample-break-mode", "none",
+        "--log-format", "json",
+        "--skip-invalid-size-inputs-valid-test",
+    ]
+    if not cuda:
+        args.append("--cpu")
+    return args

@@ -1,0 +1,1 @@
+"""How training processes are started: every launcher runs `lmforge.worker` with the same contract."""

@@ -1,0 +1,255 @@
+"""The registered language model: an MLflow pyfunc model that scores texts with a fairseq LM.
+
+In:  two MLflow artifacts, ``checkpoint`` (a fairseq language-model checkpoint, .pt) and
+     ``dict`` (the ``dict.txt`` it was trained with), and texts to score: a list of str, a
+     pandas Series, or a DataFrame with a ``text`` column (else its first column).
+Out: a DataFrame with one row per text: ``log_prob`` (natural-log probability of the whole
+     text, end-of-sentence token included), ``tokens`` (scored tokens, eos included) and
+     ``perplexity`` (``exp(-log_prob / tokens)``).
+
+`lmforge register ...` (see `lmforge.register`) logs and registers it; anyone then loads it
+by name, in any process where lmforge is installed:
+
+    model = mlflow.pyfunc.load_model("models:/lmforge-lm@champion")
+    model.predict(["the cat sat on the mat"])
+
+Texts are split on whitespace, as fairseq's dictionary expects (this version has no BPE);
+words missing from ``dict.txt`` score as ``<unk>``.
+
+Why not ``hub.score()``: fairseq's hub interface strips the end-of-sentence token from the
+scored target, so it gives ``log p(w1..wn)`` without ``log p(</s> | w1..wn)`` and nothing at
+all for an empty text. The model is loaded through fairseq's hub utilities exactly as
+``TransformerLanguageModel.from_pretrained`` does, and batches are scored with fairseq's own
+``SequenceScorer``; only the target differs: ``[w1..wn, </s>]``, conditioned on a leading
+``</s>`` (``<s>`` for ``--add-bos-token`` models), which is how fairseq-train and
+fairseq-eval-lm (``--sample-break-mode eos``) see a line. So ``log_prob`` equals the hub's
+``positional_scores.sum()`` plus the eos term, and per-line it matches eval-lm's token counts.
+
+fairseq and torch are imported inside the methods: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from lmforge.errors import LmforgeError
+
+#: Output columns, in order.
+COLUMNS = ("log_prob", "tokens", "perplexity")
+
+#: Padded tokens per forward pass. 4096 fp32 positions x a 50k vocabulary is ~800 MB of
+#: log-probabilities at most, the same order as fairseq-eval-lm's usual --max-tokens.
+MAX_BATCH_TOKENS = 4096
+
+#: The input example stored with the model (and used to check a model loads and scores).
+EXAMPLE_TEXTS = ("the cat sat on the mat", "")
+
+
+def model_signature():
+    """The pyfunc signature: a string column ``text`` in; log_prob, tokens, perplexity out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "text")]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.double, "log_prob"),
+                ColSpec(DataType.long, "tokens"),
+                ColSpec(DataType.double, "perplexity"),
+            ]
+        ),
+    )
+
+
+def input_example():
+    """A small DataFrame matching `model_signature`'s input."""
+    import pandas as pd
+
+    return pd.DataFrame({"text": list(EXAMPLE_TEXTS)})
+
+
+def as_texts(model_input: Any) -> list[str]:
+    """Normalize what `predict` accepts into a list of str; anything else is a user error."""
+    import pandas as pd
+
+    if isinstance(model_input, str):
+        values: list[Any] = [model_input]
+    elif isinstance(model_input, pd.DataFrame):
+        if model_input.shape[1] == 0:
+            raise LmforgeError("input DataFrame has no columns; pass a 'text' column of strings")
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        values = model_input[column].tolist()
+    elif isinstance(model_input, pd.Series):
+        values = model_input.tolist()
+    elif isinstance(model_input, (list, tuple)) or hasattr(model_input, "tolist"):
+        values = list(model_input.tolist() if hasattr(model_input, "tolist") else model_input)
+    else:
+        raise LmforgeError(
+            f"cannot score a {type(model_input).__name__}; pass a list of str, a pandas Series "
+            "or a DataFrame with a 'text' column"
+        )
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise LmforgeError(f"text #{i} is {value!r} ({type(value).__name__}), not a string")
+    return values
+
+
+class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
+    """Scores texts with a fairseq language model (see the module docstring).
+
+    Artifacts: ``checkpoint`` and ``dict``. Model config (optional): ``device``
+    ("cpu" by default, e.g. "cuda" or "cuda:1" where a GPU is present).
+    """
+
+    def __init__(self) -> None:
+        # Filled by load_context/from_files; the instance pickled into the MLflow model
+        # carries no weights (those are the artifacts).
+        self._hub = None
+
+    # ------------------------------------------------------------------ loading
+
+    def load_context(self, context) -> None:
+        config = getattr(context, "model_config", None) or {}
+        self._load(context.artifacts["checkpoint"], context.artifacts["dict"], config.get("device", "cpu"))
+
+    @classmethod
+    def from_files(
+        cls, checkpoint: str | os.PathLike, dict_path: str | os.PathLike, device: str = "cpu"
+    ) -> FairseqLanguageModel:
+        """The same model without MLflow: score straight from a checkpoint and its dict.txt."""
+        model = cls()
+        model._load(checkpoint, dict_path, device)
+        return model
+
+    def _load(self, checkpoint: str | os.PathLike, dict_path: str | os.PathLike, device: str) -> None:
+        from fairseq import hub_utils
+
+        checkpoint, dict_path = Path(checkpoint).resolve(), Path(dict_path).resolve()
+        # fairseq's hub loader wants one directory holding the checkpoint, and reads the
+        # dictionary from `data_name_or_path`/dict.txt. Staging both under fixed names in a
+        # fresh directory makes the artifact file names irrelevant, keeps stray files (a
+        # `code` or `merges.txt` next to the checkpoint would switch on BPE) out of sight,
+        # and overrides the data path stored in the checkpoint (the training machine's).
+        with tempfile.TemporaryDirectory(prefix="lmforge-lm-") as tmp:
+            _link_or_copy(checkpoint, Path(tmp, "model.pt"))
+            _link_or_copy(dict_path, Path(tmp, "dict.txt"))
+            loaded = hub_utils.from_pretrained(tmp, checkpoint_file="model.pt", data_name_or_path=tmp)
+        # The files are read completely by now: the dictionary and the weights live in memory.
+        hub = hub_utils.GeneratorHubInterface(loaded["args"], loaded["task"], loaded["models"])
+        self._hub = hub.to(device).eval()
+
+    # ------------------------------------------------------------------ scoring
+
+    def predict(self, context, model_input, params=None):
+        """Score texts; returns a DataFrame with columns log_prob, tokens, perplexity."""
+        import numpy as np
+        import pandas as pd
+
+        if self._hub is None:
+            raise RuntimeError("FairseqLanguageModel used before load_context/from_files")
+        texts = as_texts(model_input)
+        log_probs = self.score_texts(texts)
+        tokens = np.array([n for _, n in log_probs], dtype=np.int64)
+        lp = np.array([s for s, _ in log_probs], dtype=np.float64)
+        with np.errstate(over="ignore"):  # a hopeless text has perplexity inf, not an error
+            ppl = np.exp(-lp / np.maximum(tokens, 1))
+        return pd.DataFrame({"log_prob": lp, "tokens": tokens, "perplexity": ppl}, columns=list(COLUMNS))
+
+    def encode(self, text: str):
+        """Token ids scored for `text`: its words, then eos (what fairseq-preprocess writes)."""
+        # hub.encode is tokenize -> apply_bpe -> dictionary.encode_line (append_eos=True),
+        # so a checkpoint configured with a tokenizer or BPE would be encoded the fairseq way.
+        return self._hub.encode(text)
+
+    def score_texts(self, texts: list[str]) -> list[tuple[float, int]]:
+        """(natural-log probability incl. eos, scored tokens incl. eos) for each text, in order."""
+        import torch
+        from fairseq.data import data_utils
+        from fairseq.sequence_scorer import SequenceScorer
+
+        hub = self._hub
+        dictionary = hub.task.source_dictionary
+        pad = dictionary.pad()
+        # The first token is predicted from </s> (or <s> with --add-bos-token), as in training.
+        add_bos = bool(getattr(getattr(hub.task, "args", None), "add_bos_token", False))
+        start = dictionary.bos() if add_bos else dictionary.eos()
+        limit = _max_positions(hub.max_positions)
+
+        targets = [self.encode(text) for text in texts]
+        for i, target in enumerate(targets):
+            if limit is not None and target.numel() > limit:
+                raise LmforgeError(
+                    f"text #{i} has {target.numel()} tokens (eos included); this model scores at "
+                    f"most {limit} per text (its max positions): split the text"
+                )
+
+        scorer = SequenceScorer(hub.task.target_dictionary)
+        results: list[tuple[float, int] | None] = [None] * len(texts)
+        # Longest first, so each batch pads little and the first one shows the memory peak.
+        order = sorted(range(len(texts)), key=lambda i: -targets[i].numel())
+        for batch in _batches(order, [t.numel() for t in targets], MAX_BATCH_TOKENS):
+            tgt = [targets[i] for i in batch]
+            src = [torch.cat([tgt_i.new_tensor([start]), tgt_i[:-1]]) for tgt_i in tgt]
+            sample = {
+                "net_input": {
+                    # Right padding: the decoder is causal, so pads after a text never reach it.
+                    "src_tokens": data_utils.collate_tokens(src, pad, left_pad=False),
+                    "src_lengths": torch.tensor([s.numel() for s in src], dtype=torch.long),
+                },
+                "target": data_utils.collate_tokens(tgt, pad, left_pad=False),
+            }
+            sample = _to_device(sample, hub.device)
+            hypos = scorer.generate(hub.models, sample)
+            for i, hypo in zip(batch, hypos):
+                positional = hypo[0]["positional_scores"]
+                results[i] = (float(positional.sum()), int(positional.numel()))
+        return results  # type: ignore[return-value]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if not src.is_file():
+        raise LmforgeError(f"{src} does not exist (the registered model is incomplete)")
+    try:
+        dst.symlink_to(src)
+    except OSError:  # no symlinks (some Windows setups, some FUSE mounts): copy instead
+        import shutil
+
+        shutil.copyfile(src, dst)
+
+
+def _max_positions(value: Any) -> int | None:
+    """fairseq's resolved max positions (an int, a tuple or None) as one int or None."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        values = [v for v in value if v is not None]
+        return min(values) if values else None
+    return int(value) if not math.isinf(value) else None
+
+
+def _batches(order: list[int], sizes: list[int], max_tokens: int):
+    """Split `order` (longest first) into batches whose padded size stays under max_tokens."""
+    batch: list[int] = []
+    for i in order:
+        width = sizes[batch[0]] if batch else sizes[i]  # the first item of a batch is the longest
+        if batch and (len(batch) + 1) * width > max_tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _to_device(sample: dict, device) -> dict:
+    if str(device) == "cpu":
+        return sample
+    from fairseq import utils
+
+    return utils.apply_to_sample(lambda t: t.to(device), sample)

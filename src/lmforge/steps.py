@@ -1,0 +1,206 @@
+"""The pipeline's steps: each runs one stage inside the pipeline run's MLflow run.
+
+In: the run config as JSON (as the pipeline parameter carries it), the pipeline
+run id and the upstream steps' outputs (paths). Out: the stage's outputs, as
+paths and digests for the downstream steps. A KFP component's body is one
+import and one call to a function here; `lmforge run` executes the very same
+functions through KFP's local runner.
+
+Outputs of a pipeline run live under `<storage.root>/<name>/<pipeline run id>/`.
+A step that fails on the user's input prints one line and exits non-zero; when
+LMFORGE_ERROR_FILE is set (by `lmforge run`) the line is also written there, so
+the command that started the pipeline can repeat it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+from lmforge import __version__, tracking
+from lmforge import config as config_mod
+from lmforge.config import RunConfig
+from lmforge.errors import LmforgeError
+from lmforge.logs import setup_logging
+
+log = logging.getLogger(__name__)
+ERROR_FILE_ENV = "LMFORGE_ERROR_FILE"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class DownloadOutputs(NamedTuple):
+    corpus_dir: str
+    corpus_sha256: str
+
+
+class PreprocessOutputs(NamedTuple):
+    data_bin: str
+    dict_sha256: str
+
+
+class EvaluateOutputs(NamedTuple):
+    perplexity: float
+    metrics_file: str
+
+
+class RegisterOutputs(NamedTuple):
+    model_uri: str
+    version: str
+    mlflow_run_id: str
+
+
+def run_dir(cfg: RunConfig, pipeline_run_id: str) -> Path:
+    return Path(cfg.storage.root) / cfg.name / pipeline_run_id
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    return tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.storage.root)
+
+
+def step(name: str) -> Callable[[F], F]:
+    """Logging set up, user errors turned into one line and an exit status."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            setup_logging()
+            try:
+                return fn(*args, **kwargs)
+            except LmforgeError as exc:
+                message = f"lmforge {name}: {exc}"
+                log.error(message)
+                error_file = os.environ.get(ERROR_FILE_ENV)
+                if error_file:
+                    Path(error_file).write_text(message + "\n")
+                raise SystemExit(exc.exit_code) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _mlflow_run(cfg: RunConfig, pipeline_run_id: str) -> str:
+    return tracking.pipeline_run(
+        tracking_uri(cfg), cfg.tracking.experiment, pipeline_run_id,
+        run_name=f"{cfg.name}-{pipeline_run_id}", storage_root=cfg.storage.root,
+    )
+
+
+@step("download")
+def download(config_json: str, pipeline_run_id: str) -> DownloadOutputs:
+    from lmforge.download import download_corpus
+
+    cfg = config_mod.from_json(config_json)
+    out = run_dir(cfg, pipeline_run_id) / "corpus"
+    manifest = download_corpus(
+        cfg.corpus.source, out, sha256=cfg.corpus.sha256, size=cfg.corpus.size,
+        members=dict(cfg.corpus.members), cache_dir=Path(cfg.storage.root) / "cache",
+    )
+    with tracking.active_run(tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)) as run:
+        import mlflow
+
+        tracking.log_params_flat(cfg.to_dict())
+        mlflow.set_tags({
+            "lmforge.version": __version__, "lmforge.config_hash": cfg.config_hash(),
+            "lmforge.corpus_sha256": manifest["sha256"],
+        })
+        mlflow.log_dict(manifest, "corpus/manifest.json")
+        log.info("corpus in %s (sha256 %s), MLflow run %s", out, manifest["sha256"], run.info.run_id)
+    return DownloadOutputs(str(out), manifest["sha256"])
+
+
+@step("preprocess")
+def preprocess(config_json: str, pipeline_run_id: str, corpus_dir: str) -> PreprocessOutputs:
+    from lmforge.preprocess import preprocess as build
+
+    cfg = config_mod.from_json(config_json)
+    out = run_dir(cfg, pipeline_run_id) / "data-bin"
+    p = cfg.preprocess
+    summary = build(
+        corpus_dir, out, threshold=p.threshold, nwords=p.nwords, padding_factor=p.padding_factor, workers=p.workers
+    )
+    with tracking.active_run(tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)):
+        import mlflow
+
+        mlflow.log_metric("vocab_size", summary["vocab_size"])
+        for split, numbers in summary["splits"].items():
+            mlflow.log_metrics({f"{split}_tokens": numbers["tokens"], f"{split}_sentences": numbers["sentences"]})
+        mlflow.set_tag("lmforge.dict_sha256", summary["dict_sha256"])
+        mlflow.log_artifact(str(out / "dict.txt"), "data-bin")
+    return PreprocessOutputs(str(out), summary["dict_sha256"])
+
+
+@step("train")
+def train(config_json: str, pipeline_run_id: str, data_bin: str) -> str:
+    """Returns the best checkpoint's path."""
+    from lmforge.train import train as run_training
+
+    cfg = config_mod.from_json(config_json)
+    save_dir = run_dir(cfg, pipeline_run_id) / "checkpoints"
+    uri, run_id = tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)
+    summary = run_training(cfg, data_bin, save_dir, tracking_uri=uri, mlflow_run_id=run_id)
+    with tracking.active_run(uri, run_id):
+        import mlflow
+
+        mlflow.log_metrics({"epochs": summary["epochs"], "num_updates": summary["num_updates"]})
+        if summary["best_valid_loss"] is not None:
+            mlflow.log_metric("best_valid_loss", summary["best_valid_loss"])
+        for name in ("checkpoint_best", "checkpoint_last"):
+            mlflow.log_artifact(summary[name], "checkpoints")
+    return summary["checkpoint_best"]
+
+
+@step("evaluate")
+def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: str, metrics: Any = None) -> EvaluateOutputs:
+    """`metrics` is the component's KFP Metrics artifact (None outside KFP)."""
+    from lmforge.evaluate import evaluate as score
+
+    cfg = config_mod.from_json(config_json)
+    result = score(cfg, data_bin, checkpoint)
+    out = run_dir(cfg, pipeline_run_id) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    numbers = {f"{result['split']}_{k}": float(v) for k, v in result.items() if k in _EVAL_METRICS}
+    if metrics is not None:
+        for key, value in numbers.items():
+            metrics.log_metric(key, value)
+    with tracking.active_run(tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)):
+        import mlflow
+
+        mlflow.log_metrics(numbers)
+    log.info("%s perplexity %.2f (loss %.4f base 2) over %d tokens", result["split"], result["perplexity"],
+             result["loss_base2"], result["tokens"])
+    return EvaluateOutputs(result["perplexity"], str(out / "metrics.json"))
+
+
+_EVAL_METRICS = ("loss", "loss_base2", "perplexity", "tokens", "tokens_per_second")
+
+
+@step("register")
+def register(
+    config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: str, corpus_sha256: str, dict_sha256: str,
+    perplexity: float,
+) -> RegisterOutputs:
+    from lmforge.register import register_model
+
+    cfg = config_mod.from_json(config_json)
+    uri, run_id = tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)
+    tags = {
+        "corpus_sha256": corpus_sha256,
+        "dict_sha256": dict_sha256,
+        "config_hash": cfg.config_hash(),
+        "pipeline_run_id": pipeline_run_id,
+        "lmforge_version": __version__,
+        f"{cfg.evaluate.split}_perplexity": f"{perplexity:.6g}",
+    }
+    result = register_model(
+        checkpoint=checkpoint, dict_path=Path(data_bin) / "dict.txt", model_name=cfg.registry.model_name,
+        alias=cfg.registry.alias, tracking_uri=uri, run_id=run_id, tags=tags,
+    )
+    log.info("registered %s (version %s)", result["model_uri"], result["version"])
+    return RegisterOutputs(result["model_uri"], str(result["version"]), run_id)
