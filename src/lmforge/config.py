@@ -196,6 +196,12 @@ def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string, not a float.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
         problems.append(f"{path}: expected {tp.__name__}, got {value!r}")
         return value

@@ -50,7 +50,7 @@ from typing import IO, Any
 
 from lmforge.config import SPLITS
 from lmforge.errors import IntegrityError, LmforgeError
-from lmforge.uris import HTTP, LOCAL, S3, Location, parse_location
+from lmforge.uris import HTTP, LOCAL, Location, parse_location
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,9 @@ class _Tar:
                 if info.isfile():
                     self.files[name] = info
                 elif not info.isdir():
-                    raise LmforgeError(f"{where}: refusing member {info.name!r}: devices and FIFOs are not allowed")
+                    raise LmforgeError(
+                        f"{where}: refusing member {info.name!r}: devices and FIFOs are not allowed"
+                    )
         except (tarfile.TarError, OSError, EOFError) as e:
             self.tf.close()
             raise LmforgeError(f"{where}: not a readable .tar.gz archive ({e})") from None
@@ -388,7 +390,9 @@ def _open_blob(path: Path, name: str, where: str, members: Mapping[str, str]) ->
     suffix = next((x for x in ARCHIVE_SUFFIXES if name.lower().endswith(x)), None)
     if suffix:
         # Typically a server's HTML error page delivered with status 200.
-        raise LmforgeError(f"{where}: named like a {suffix} archive, but its bytes are not one (they start {head!r})")
+        raise LmforgeError(
+            f"{where}: named like a {suffix} archive, but its bytes are not one (they start {head!r})"
+        )
     if not members:
         raise LmforgeError(
             f"{where}: a plain file cannot hold three splits; give a directory with train.txt, valid.txt,"
@@ -608,7 +612,8 @@ def _check_dest(dest: Path) -> None:
         extra = {p.name for p in dest.iterdir()} - OUTPUT_NAMES
         if extra:
             raise LmforgeError(
-                f"{dest} already holds other files ({_preview(extra, 4)}); choose an empty or new output directory (--out)"
+                f"{dest} already holds other files ({_preview(extra, 4)});"
+                " choose an empty or new output directory (--out)"
             )
 
 
@@ -641,7 +646,9 @@ def _write_split(container: Any, name: str, out: Path, where: str) -> dict[str, 
                 dst.write(chunk)
         return stats.finish()
     except NotUtf8 as e:
-        raise LmforgeError(f"{name} in {where}: not UTF-8 at byte offset {e.offset} ({e.reason}); convert it to UTF-8") from None
+        raise LmforgeError(
+            f"{name} in {where}: not UTF-8 at byte offset {e.offset} ({e.reason}); convert it to UTF-8"
+        ) from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, RuntimeError) as e:
         # BadZipFile covers a CRC mismatch; EOFError/zlib errors a truncated gzip.
         raise LmforgeError(f"{name} in {where}: cannot read it from the archive ({e})") from None
@@ -699,7 +706,8 @@ def download_corpus(
             raise LmforgeError(f"corpus not found: {loc.path}; pass --corpus DIR or set corpus.source")
         if loc.path.is_dir() and (sha256 is not None or size is not None):
             raise LmforgeError(
-                f"{source}: corpus.sha256/corpus.size pin a downloaded file, and a directory is not one; remove them"
+                f"{source}: corpus.sha256/corpus.size pin a downloaded file,"
+                " and a directory is not one; remove them"
             )
     _check_dest(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -731,7 +739,10 @@ def download_corpus(
                 )
                 check_pins(source, sha256, size, blob_sha, blob_size)
                 if sha256 is None:
-                    log.info("%s: sha256 %s, %d bytes; pin them (corpus.sha256, corpus.size)", source, blob_sha, blob_size)
+                    # Unpinned remote bytes: print what to pin so the next run is checked.
+                    log.info(
+                        "%s: sha256 %s, %d bytes; pin them (corpus.sha256, corpus.size)", source, blob_sha, blob_size
+                    )
                 if cache is not None:
                     cached = cache / "sha256" / blob_sha
                     _place(download, cached)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd  # already loaded by mlflow.pyfunc; needed at import for the type hints
 
 from lmforge.errors import LmforgeError
 
@@ -70,15 +71,11 @@ def model_signature():
 
 def input_example():
     """A small DataFrame matching `model_signature`'s input."""
-    import pandas as pd
-
     return pd.DataFrame({"text": list(EXAMPLE_TEXTS)})
 
 
 def as_texts(model_input: Any) -> list[str]:
     """Normalize what `predict` accepts into a list of str; anything else is a user error."""
-    import pandas as pd
-
     if isinstance(model_input, str):
         values: list[Any] = [model_input]
     elif isinstance(model_input, pd.DataFrame):
@@ -147,10 +144,11 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
 
     # ------------------------------------------------------------------ scoring
 
-    def predict(self, context, model_input, params=None):
+    # The pd.DataFrame hint tells MLflow to hand over the schema-checked frame as is (it also
+    # accepts a list of str or a Series when called directly); without a hint MLflow warns.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """Score texts; returns a DataFrame with columns log_prob, tokens, perplexity."""
         import numpy as np
-        import pandas as pd
 
         if self._hub is None:
             raise RuntimeError("FairseqLanguageModel used before load_context/from_files")

@@ -58,7 +58,9 @@ def parse_location(uri: str | Path) -> Location:
         # file:///abs/path or file://localhost/abs/path; another host would be a
         # network share we cannot reach by path.
         if parts.netloc not in ("", "localhost"):
-            raise LmforgeError(f"{text}: file:// URIs must name a local path (file:///path), not host {parts.netloc!r}")
+            raise LmforgeError(
+                f"{text}: file:// URIs must name a local path (file:///path), not host {parts.netloc!r}"
+            )
         return Location(LOCAL, text, path=Path(unquote(parts.path)))
     if scheme in ("http", "https"):
         if not parts.netloc:

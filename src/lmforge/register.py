@@ -1,0 +1,235 @@
+"""Register a trained fairseq language model in the MLflow model registry.
+
+In:  a fairseq checkpoint (.pt), the ``dict.txt`` it was trained with, the MLflow tracking
+     URI and the id of the pipeline's MLflow run, a registered-model name, an alias, and
+     lineage tags (corpus_sha256, dict_sha256, config_hash, pipeline_run_id, ...).
+Out: a new version of the registered model, an MLflow pyfunc model
+     (`lmforge.scoring.FairseqLanguageModel`) logged in that run, carrying the lineage tags
+     as version tags and the alias; returns
+     ``{"model_uri": "models:/NAME@ALIAS", "version": "N", "run_id": RUN_ID}``.
+
+    lmforge register --config pipelines/configs/tiny.yaml \\
+        --checkpoint runs/.../checkpoint_best.pt --dict runs/.../data-bin/dict.txt \\
+        --run-id <mlflow run id>
+
+The optimizer state is dropped from the checkpoint first: it is about twice the size of the
+weights (Adam keeps two moments per parameter) and serving never reads it. Before anything
+is logged the slimmed checkpoint is loaded with its dictionary and scores a sentence, so a
+checkpoint/dictionary mismatch fails here, not in the serving process.
+
+The model loads wherever lmforge is installed (the pickled model refers to
+``lmforge.scoring`` by name); its pinned pip requirements list the serving stack.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+#: Distributions the serving process needs, pinned to the versions installed here.
+#: fairseq's wheel is published as ve-fairseq; cloudpickle must match to unpickle the model.
+SERVING_DISTRIBUTIONS = (
+    "torch",
+    "ve-fairseq",
+    "numpy",
+    "pandas",
+    "mlflow",
+    "cloudpickle",
+    "hydra-core",
+    "omegaconf",
+    "bitarray",
+    "sacrebleu",
+    "regex",
+)
+
+_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def serving_requirements() -> list[str]:
+    """``name==version`` for each serving distribution installed here."""
+    pins = []
+    for name in SERVING_DISTRIBUTIONS:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        # "2.13.0+cpu" -> "2.13.0": the local label names this machine's build, and the same
+        # model serves from a CUDA build of that torch release.
+        pins.append(f"{name}=={version.split('+')[0]}")
+    return pins
+
+
+def register_model(
+    *,
+    checkpoint: str | Path,
+    dict_path: str | Path,
+    model_name: str,
+    alias: str,
+    tracking_uri: str,
+    run_id: str,
+    tags: dict[str, str],
+) -> dict:
+    """Log the checkpoint as a pyfunc model in run `run_id`, register it, point `alias` at it."""
+    checkpoint, dict_path = _local_path(checkpoint), _local_path(dict_path)
+    # Every check a user can act on comes before anything is written to MLflow.
+    if not checkpoint.is_file():
+        raise LmforgeError(f"checkpoint {checkpoint} does not exist; pass --checkpoint with a fairseq .pt file")
+    if dict_path.is_dir():
+        dict_path = dict_path / "dict.txt"
+    if not dict_path.is_file():
+        raise LmforgeError(
+            f"checkpoint without its dictionary: {dict_path} does not exist; "
+            "pass --dict with the dict.txt the model was trained with"
+        )
+    if not model_name or not model_name.strip():
+        raise LmforgeError("model name is empty; set registry.model_name")
+    if not _ALIAS.match(alias) or re.fullmatch(r"v\d+", alias):
+        raise LmforgeError(f"alias {alias!r} must be a name like 'champion' (letters, digits, '_', '-'; not vN)")
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise LmforgeError(f"MLflow run {run_id!r} not found at {tracking_uri}; pass the run id of this pipeline run") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise LmforgeError(f"MLflow run {run_id} at {tracking_uri} is deleted; restore it or pass another run id")
+
+    from lmforge.scoring import EXAMPLE_TEXTS, FairseqLanguageModel, input_example, model_signature
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-register-") as tmp:
+        staged = Path(tmp)
+        arch = _strip_optimizer_state(checkpoint, staged / "model.pt")
+        _copy(dict_path, staged / "dict.txt")
+        _check_loads(staged / "model.pt", staged / "dict.txt", checkpoint, dict_path, EXAMPLE_TEXTS)
+
+        # The fluent API logs into "the active run" on "the tracking URI": point both at the
+        # pipeline's, and put back what the caller had.
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(tracking_uri), _in_run(mlflow, client, run):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=FairseqLanguageModel(),
+                artifacts={"checkpoint": str(staged / "model.pt"), "dict": str(staged / "dict.txt")},
+                signature=model_signature(),
+                input_example=input_example(),
+                pip_requirements=serving_requirements(),
+                tags={k: str(v) for k, v in tags.items()},
+            )
+            version = mlflow.register_model(
+                info.model_uri, model_name, tags={k: str(v) for k, v in tags.items()}
+            ).version
+
+    description = (
+        f"fairseq {arch} language model from MLflow run {run_id}; "
+        "predict() takes texts (column 'text') and returns log_prob (natural log, eos included), "
+        "tokens and perplexity."
+    )
+    client.update_model_version(model_name, version, description=description)
+    client.set_registered_model_alias(model_name, alias, version)
+    return {"model_uri": f"models:/{model_name}@{alias}", "version": str(version), "run_id": run_id}
+
+
+def _local_path(value: str | Path) -> Path:
+    text = str(value)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        raise LmforgeError(f"{text}: register reads local files; fetch the checkpoint and dict.txt first")
+    return Path(text).expanduser()
+
+
+def _copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copyfile(src, dst)
+
+
+def _strip_optimizer_state(src: Path, dst: Path) -> str:
+    """Write `src` without its optimizer state to `dst`; returns the architecture name."""
+    import pickle
+
+    import torch
+
+    try:
+        # weights_only=False: fairseq checkpoints pickle an argparse Namespace / omegaconf cfg.
+        # The file is our own training output, not untrusted input.
+        state = torch.load(src, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise LmforgeError(f"{src} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise LmforgeError(f"{src} is not a fairseq checkpoint (no 'model' entry)")
+    state.pop("last_optimizer_state", None)
+    torch.save(state, dst)
+    return _arch(state)
+
+
+def _arch(state: dict) -> str:
+    cfg = state.get("cfg")
+    try:
+        name = cfg["model"]["_name"] if cfg is not None else None
+    except (KeyError, TypeError):
+        name = None
+    if not name and state.get("args") is not None:
+        name = getattr(state["args"], "arch", None)
+    return str(name or "unknown-arch")
+
+
+def _check_loads(model_pt: Path, dict_txt: Path, checkpoint: Path, dict_path: Path, texts) -> None:
+    """Load the staged files the way the registered model will, and score `texts`."""
+    from lmforge.scoring import FairseqLanguageModel
+
+    try:
+        FairseqLanguageModel.from_files(model_pt, dict_txt).score_texts(list(texts))
+    except RuntimeError as exc:
+        # load_state_dict's "size mismatch for decoder.embed_tokens.weight": the dictionary
+        # has a different number of symbols than the model was trained with.
+        raise LmforgeError(
+            f"checkpoint {checkpoint} does not load with {dict_path} ({_first_line(exc)}); "
+            "pass the dict.txt the model was trained with"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.strip() and not line.strip().startswith("Error(s) in loading"):
+            return line.strip()[:200]
+    return type(exc).__name__
+
+
+class _in_run:
+    """Make `run` the active fluent run, leaving its status as it was.
+
+    `mlflow.start_run(run_id=...)` ends the run on exit (status FINISHED); the pipeline run
+    belongs to whoever opened it, so a run that was RUNNING is put back to RUNNING. When the
+    caller already has this run active, it is used as is.
+    """
+
+    def __init__(self, mlflow, client, run):
+        self.mlflow, self.client, self.run = mlflow, client, run
+        self.started = None
+
+    def __enter__(self):
+        active = self.mlflow.active_run()
+        if active is not None and active.info.run_id == self.run.info.run_id:
+            return active
+        # nested=True only when another run is active: the fluent API refuses a second run.
+        self.started = self.mlflow.start_run(run_id=self.run.info.run_id, nested=active is not None)
+        return self.started
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.started is None:
+            return False
+        self.mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        if self.run.info.status == "RUNNING":
+            self.client.update_run(self.run.info.run_id, status="RUNNING")
+        return False

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+from lmforge import config
+from lmforge.fairseq_args import Placement, eval_lm_args, option_args, train_args
+
+TINY = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml"
+
+
+def value_after(args, flag):
+    return args[args.index(flag) + 1]
+
+
+def test_option_args_flags_and_values():
+    assert option_args({"decoder_layers": 2, "share_x": True, "off": False, "none": None, "betas": [0.9, 0.98]}) == [
+        "--decoder-layers", "2", "--share-x", "--betas", "(0.9, 0.98)",
+    ]
+
+
+def test_single_process_cpu_has_no_distributed_options():
+    args = train_args(config.load(TINY), "/data", "/ckpt")
+    assert args[0] == "/data"
+    assert "--cpu" in args
+    assert "--distributed-world-size" not in args
+    assert value_after(args, "--arch") == "transformer_lm"
+    assert value_after(args, "--save-dir") == "/ckpt"
+    assert value_after(args, "--decoder-layers") == "2"  # model.options reach fairseq
+    assert "--share-decoder-input-output-embed" in args
+
+
+def test_cpu_multi_process_uses_gloo_and_legacy_ddp():
+    args = train_args(config.load(TINY), "/d", "/c", Placement(world_size=2, rank=1, device_id=0, cuda=False))
+    assert value_after(args, "--distributed-backend") == "gloo"
+    assert value_after(args, "--ddp-backend") == "legacy_ddp"
+    assert value_after(args, "--distributed-rank") == "1"
+    assert value_after(args, "--distributed-init-method") == "env://"
+    assert "--distributed-no-spawn" in args
+
+
+def test_gpu_process_gets_its_local_rank_as_device_id():
+    # fairseq ignores LOCAL_RANK; without --device-id every process lands on GPU 0.
+    args = train_args(config.load(TINY), "/d", "/c", Placement(world_size=4, rank=3, device_id=1, cuda=True))
+    assert value_after(args, "--device-id") == "1"
+    assert value_after(args, "--distributed-backend") == "nccl"
+    assert "--cpu" not in args
+    assert "--ddp-backend" not in args
+
+
+def test_adaptive_loss_needs_legacy_ddp_on_gpu_too():
+    cfg = config.load(TINY, ["model.criterion=adaptive_loss"])
+    args = train_args(cfg, "/d", "/c", Placement(world_size=2, rank=0, cuda=True))
+    assert value_after(args, "--ddp-backend") == "legacy_ddp"
+
+
+def test_extra_args_and_precision():
+    cfg = config.load(TINY, ["train.extra_args.label_smoothing=0.1", "train.precision=bf16", "train.warmup_updates=0"])
+    args = train_args(cfg, "/d", "/c")
+    assert value_after(args, "--label-smoothing") == "0.1"
+    assert "--bf16" in args
+    assert "--warmup-updates" not in args
+
+
+def test_eval_lm_args_follow_the_config():
+    cfg = config.load(TINY, ["evaluate.context_window=32", "evaluate.tokens_per_sample=96"])
+    args = eval_lm_args(cfg, "/d", "/c/best.pt")
+    assert value_after(args, "--path") == "/c/best.pt"
+    assert value_after(args, "--gen-subset") == "test"
+    assert value_after(args, "--context-window") == "32"
+    assert value_after(args, "--tokens-per-sample") == "96"
+    plain = eval_lm_args(config.load(TINY), "/d", "/c/best.pt", split="valid")
+    assert value_after(plain, "--tokens-per-sample") == "128"  # falls back to train.tokens_per_sample
+    assert value_after(plain, "--gen-subset") == "valid"
