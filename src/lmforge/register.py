@@ -23,6 +23,8 @@ The model loads wherever lmforge is installed (the pickled model refers to
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import tempfile
 from importlib import metadata
@@ -112,9 +114,7 @@ def register_model(
 
         # The fluent API logs into "the active run" on "the tracking URI": point both at the
         # pipeline's, and put back what the caller had.
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-        with _use_tracking_uri(tracking_uri), _in_run(mlflow, client, run):
+        with _tracking_uri(mlflow, tracking_uri), _in_run(mlflow, client, run):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=FairseqLanguageModel(),
@@ -158,6 +158,11 @@ def _strip_optimizer_state(src: Path, dst: Path) -> str:
     import pickle
 
     import torch
+
+    from lmforge.scoring import _import_fairseq_hub_utils
+
+    # Unpickling a checkpoint imports fairseq (its cfg classes): do that import quietly first.
+    _import_fairseq_hub_utils()
 
     try:
         # weights_only=False: fairseq checkpoints pickle an argparse Namespace / omegaconf cfg.
@@ -204,6 +209,28 @@ def _first_line(exc: BaseException) -> str:
         if line.strip() and not line.strip().startswith("Error(s) in loading"):
             return line.strip()[:200]
     return type(exc).__name__
+
+
+@contextlib.contextmanager
+def _tracking_uri(mlflow, uri: str):
+    """Use `uri` as the fluent API's tracking URI, then restore the caller's setting exactly.
+
+    mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, and
+    resetting it to "unset" deletes that variable, so the variable is saved and put back by
+    hand (mlflow's own private `_use_tracking_uri` would drop a caller's variable).
+    """
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 class _in_run:

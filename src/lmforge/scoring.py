@@ -126,7 +126,7 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
         return model
 
     def _load(self, checkpoint: str | os.PathLike, dict_path: str | os.PathLike, device: str) -> None:
-        from fairseq import hub_utils
+        hub_utils = _import_fairseq_hub_utils()
 
         checkpoint, dict_path = Path(checkpoint).resolve(), Path(dict_path).resolve()
         # fairseq's hub loader wants one directory holding the checkpoint, and reads the
@@ -209,6 +209,28 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
                 positional = hypo[0]["positional_scores"]
                 results[i] = (float(positional.sum()), int(positional.numel()))
         return results  # type: ignore[return-value]
+
+
+def _import_fairseq_hub_utils():
+    """`fairseq.hub_utils`, imported without fairseq's side effect on logging.
+
+    Importing fairseq imports every model module, and some call `logging.basicConfig` at
+    import (wav2vec2_classification with level=DEBUG): in a process whose logging is not
+    configured yet (a serving process), the root logger would print every library's DEBUG
+    lines. The root logger's level and handlers are put back as they were.
+    """
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        from fairseq import hub_utils
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    return hub_utils
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -1,0 +1,88 @@
+"""`lmforge run` end to end on this machine: KFP's local runner, torchrun with 2 CPU
+processes, MLflow on SQLite, and the registered model loaded back from the registry."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import REPO, write_corpus
+
+pytestmark = pytest.mark.e2e
+HELD_OUT = "the album was released in the united states on 12 may 2009 ."
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    corpus = write_corpus(tmp / "corpus", train_lines=1500)
+    root = tmp / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "run", "--config", str(REPO / "pipelines/configs/tiny.yaml"),
+         "--corpus", str(corpus), "--set", f"storage.root={root}", "--set", "train.max_epoch=2"],
+        cwd=tmp, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    return root, {k.strip(): v.strip() for k, v in summary.items()}
+
+
+def test_run_prints_perplexity_outputs_and_model_uri(finished_run):
+    root, summary = finished_run
+    assert summary["model"] == "models:/tiny-transformer-lm@champion"
+    assert 1 < float(summary["test perplexity"]) < 10_000
+    run_dir = root / "tiny"
+    assert summary["outputs"].startswith(str(run_dir))
+    for name in ("corpus/manifest.json", "data-bin/dict.txt", "data-bin/train.bin", "checkpoints/checkpoint_best.pt",
+                 "eval/metrics.json"):
+        assert list(run_dir.glob(f"*/{name}")), f"{name} missing"
+
+
+def test_one_mlflow_run_with_training_curves_and_falling_valid_loss(finished_run):
+    root, summary = finished_run
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lmforge-tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "every step must log into the one run of the pipeline run"
+    run = runs[0]
+    assert run.info.run_id in summary["MLflow"]
+    for metric in ("train_loss", "lr", "train_wps", "valid_ppl", "test_perplexity", "vocab_size"):
+        assert metric in run.data.metrics, metric
+    valid = client.get_metric_history(run.info.run_id, "valid_loss")
+    assert len(valid) == 2, "one validation per epoch"
+    steps = [m.step for m in sorted(valid, key=lambda m: m.step)]
+    assert steps[0] > 0 and steps[1] > steps[0], "logged at step = number of updates"
+    first, last = (m.value for m in sorted(valid, key=lambda m: m.step))
+    assert last < first
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/checkpoint_best.pt", "checkpoints/checkpoint_last.pt"}
+    version = client.get_model_version_by_alias("tiny-transformer-lm", "champion")
+    for tag in ("corpus_sha256", "dict_sha256", "config_hash", "pipeline_run_id"):
+        assert version.tags.get(tag), tag
+    assert version.tags["corpus_sha256"] == run.data.tags["lmforge.corpus_sha256"]
+
+
+def test_registered_model_scores_like_fairseq_hub(finished_run):
+    root, _ = finished_run
+    run_dir = next((root / "tiny").iterdir())
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    hub = TransformerLanguageModel.from_pretrained(
+        str(run_dir / "checkpoints"), "checkpoint_best.pt", data_name_or_path=str(run_dir / "data-bin")
+    ).eval()
+    expected = float(hub.score(HELD_OUT)["positional_scores"].sum())
+
+    # Loaded by alias in a fresh process, as a user would.
+    code = (
+        "import json, mlflow; m = mlflow.pyfunc.load_model('models:/tiny-transformer-lm@champion');"
+        f"print(json.dumps(m.predict([{HELD_OUT!r}]).to_dict('records')))"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])[0]
+    assert row["log_prob"] == pytest.approx(expected, abs=1e-4)
+    assert row["tokens"] == len(HELD_OUT.split()) + 1
