@@ -1,9 +1,13 @@
-# lmforge pipeline-steps image (CPU): the `base_image` of every KFP component
-# but training. KFP sets the command of each step, so the image only has to hold
-# an environment in which `lmforge` and its lazy imports (fairseq, mlflow,
-# boto3, kubernetes) all import.
+# lmforge pipeline-steps image (CPU): the `base_image` of every KFP component,
+# the train step included (on a cluster it submits the PyTorchJob, whose pods
+# run the trainer image). KFP sets the command of each step, so the image only
+# has to hold an environment in which `lmforge` and its lazy imports (fairseq,
+# mlflow, boto3, kubernetes) all import.
 #
-#   docker build -f docker/steps.Dockerfile -t lmforge-steps:0.1.0 .
+#   docker build -f docker/steps.Dockerfile -t ghcr.io/lmforge/lmforge-steps:0.1.0 .
+#
+# The tag is the package version: the compiled pipeline names exactly that
+# image (src/lmforge/pipeline/images.py).
 #
 # Build context: the repository root (see /.dockerignore). linux/amd64 only:
 # the ve-fairseq wheel is published for manylinux x86_64 alone.
@@ -46,7 +50,7 @@ RUN pip install --no-cache-dir --no-deps \
 COPY README.md ./
 COPY src ./src
 RUN pip install --no-cache-dir --no-deps -c requirements.lock . \
-    && python -c "import torch, fairseq, mlflow, boto3, kfp, lmforge; assert torch.__version__.startswith('2.13.0')" \
+    && python -c "import torch, fairseq, mlflow, boto3, kfp, kubernetes, lmforge; assert torch.__version__.startswith('2.13.0')" \
     && lmforge --version
 
 

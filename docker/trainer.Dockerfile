@@ -3,8 +3,11 @@
 # distributed environment (MASTER_ADDR, WORLD_SIZE, RANK, PET_*) and trains with
 # NCCL on the pod's GPUs (gloo where a pod has none).
 #
-#   docker build -f docker/trainer.Dockerfile -t lmforge-trainer:0.1.0 .
+#   docker build -f docker/trainer.Dockerfile -t ghcr.io/lmforge/lmforge-trainer:0.1.0 .
 #   docker build -f docker/trainer.Dockerfile --build-arg TORCH_CUDA=cu130 ...
+#
+# The tag is the package version: the compiled pipeline names exactly that
+# image (src/lmforge/pipeline/images.py).
 #
 # Build context: the repository root (see /.dockerignore). linux/amd64 only:
 # the ve-fairseq wheel is published for manylinux x86_64 alone.
@@ -23,8 +26,8 @@
 #
 # TORCH_CUDA picks the wheel: cu126 (default) runs on any driver >= 525.60
 # (CUDA 12 minor-version compatibility) and covers A100 and H100/H200 (sm_80,
-# sm_90); Blackwell (sm_100/sm_120) needs cu128 or later, and cu130 needs a
-# driver >= 580.
+# sm_90); Blackwell (sm_100/sm_120) needs a newer build (cu129, or cu130 with
+# a driver >= 580).
 
 FROM python:3.11-slim-bookworm AS builder
 

@@ -35,3 +35,26 @@ def write_corpus(dest: Path, train_lines: int | None = None) -> Path:
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 40k training tokens: enough for a model to learn something in seconds."""
     return write_corpus(tmp_path_factory.mktemp("corpus"), train_lines=600)
+
+
+TINY_CONFIG = REPO / "pipelines" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def small_data_bin(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lmforge.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("data") / "data-bin"
+    preprocess(small_corpus, out, threshold=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(small_data_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A tiny model trained for real by the train stage: torchrun, 2 CPU processes, 12 updates."""
+    from lmforge import config
+    from lmforge.train import train
+
+    cfg = config.load(TINY_CONFIG, ["train.max_update=12", "train.max_epoch=0", "train.log_interval=2"])
+    save_dir = tmp_path_factory.mktemp("train") / "checkpoints"
+    return save_dir, train(cfg, small_data_bin, save_dir)

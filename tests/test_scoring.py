@@ -205,9 +205,9 @@ def test_a_non_string_is_a_one_line_error(model):
 def test_signature_is_a_text_column_in_and_three_columns_out():
     sig = model_signature()
     assert sig.inputs.input_names() == ["text"]
-    assert [str(t) for t in sig.inputs.input_types()] == ["string"]
+    assert [c.type.name for c in sig.inputs.inputs] == ["string"]
     assert sig.outputs.input_names() == list(COLUMNS)
-    assert [str(t) for t in sig.outputs.input_types()] == ["double", "long", "double"]
+    assert [c.type.name for c in sig.outputs.inputs] == ["double", "long", "double"]
 
 
 def test_importing_the_module_loads_neither_torch_nor_fairseq():

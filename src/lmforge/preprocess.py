@@ -52,14 +52,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmforge.config import SPLITS
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:  # fairseq imports torch (seconds); only the functions that need it import it
     from fairseq.data import Dictionary
 
 logger = logging.getLogger(__name__)
-
-SPLITS = ("train", "valid", "test")
 
 # Text is read in blocks of this many bytes (cut at a line end). A block's token
 # list costs ~60 bytes per token in Python objects; 1 MiB of WikiText (~200 k
@@ -112,7 +111,8 @@ def chunk_offsets(path: Path, chunks: int) -> list[int]:
     """Byte offsets cutting `path` into at most `chunks` ranges, each starting at a line.
 
     A cut is placed just after a b"\\n" byte (never inside a UTF-8 character or a
-    \\r\\n pair), near size*i/chunks like fairseq's `find_offsets`.
+    \\r\\n pair), near size*i/chunks like fairseq's `find_offsets`. A file whose
+    lines end in a lone \\r only has no such byte and stays one chunk.
     """
     size = path.stat().st_size
     offsets = [0]

@@ -1,0 +1,287 @@
+"""The cluster manifests in k8s/: lint, schema validation and the promises they make.
+
+Every YAML file passes yamllint (its default rules) and every object validates
+strictly against the Kubernetes OpenAPI schemas that kubernetes-validate ships.
+The PyTorchJob is a custom resource those schemas do not cover: its fields are
+checked here and each replica's pod template is validated as a v1 Pod. Beyond
+the schemas: the Role grants exactly what the train step needs, no manifest
+carries a real secret, and the kustomization names only files that exist.
+
+    .venv/bin/pytest tests/test_k8s.py
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+from yamllint import linter
+from yamllint.config import YamlLintConfig
+
+from lmforge.pipeline.images import TRAINER_IMAGE
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+SECRETS_TEMPLATE = K8S / "secrets.example.yaml"
+PLACEHOLDER = "CHANGE_ME"
+# The oldest Kubernetes a supported Kubeflow release runs on, and the newest kubernetes-validate knows.
+VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def all_objects() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in MANIFESTS:
+        for obj in docs(path):
+            yield path, obj
+
+
+def one(kind: str, path: Path | None = None) -> dict[str, Any]:
+    found = [o for p, o in all_objects() if o["kind"] == kind and (path is None or p == path)]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, pod spec) of every workload: Deployments and each PyTorchJob replica."""
+    for path, obj in all_objects():
+        if obj["kind"] == "Deployment":
+            yield f"{path.name}:{obj['metadata']['name']}", obj["spec"]["template"]["spec"]
+        elif obj["kind"] == "PyTorchJob":
+            for role, replica in obj["spec"]["pytorchReplicaSpecs"].items():
+                yield f"{path.name}:{obj['metadata']['name']}/{role}", replica["template"]["spec"]
+
+
+def walk_strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from walk_strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk_strings(item)
+    elif isinstance(node, str):
+        yield node
+
+
+def test_manifests_are_there() -> None:
+    names = {p.name for p in MANIFESTS}
+    assert {"rbac.yaml", "mlflow.yaml", "secrets.example.yaml", "pytorchjob.yaml"} <= names, names
+    assert (K8S / "kustomization.yaml").is_file()
+
+
+@pytest.mark.parametrize("path", [*MANIFESTS, K8S / "kustomization.yaml"], ids=lambda p: p.name)
+def test_yamllint_default_rules(path: Path) -> None:
+    problems = list(linter.run(path.read_text(), YamlLintConfig("extends: default"), str(path)))
+    assert not problems, "\n".join(f"{path.name}:{p.line}:{p.column}: {p.level}: {p.desc} ({p.rule})" for p in problems)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_objects_validate_strictly(version: str) -> None:
+    checked = 0
+    for path, obj in all_objects():
+        if obj["apiVersion"] == "kubeflow.org/v1":
+            continue  # a custom resource: test_pytorchjob_* below
+        kubernetes_validate.validate(obj, version, strict=True)
+        checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_pytorchjob_pod_templates_validate_as_pods(version: str) -> None:
+    job = one("PyTorchJob")
+    for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        template = replica["template"]
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {**template.get("metadata", {}), "name": f"{job['metadata']['name']}-{role.lower()}-0"},
+            "spec": template["spec"],
+        }
+        kubernetes_validate.validate(pod, version, strict=True)
+
+
+def test_pytorchjob_fields() -> None:
+    job = one("PyTorchJob")
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    spec = job["spec"]
+    # The fields of kubeflow.org/v1 PyTorchJobSpec: a typo would be dropped silently by the API server.
+    assert set(spec) <= {"pytorchReplicaSpecs", "runPolicy", "elasticPolicy", "nprocPerNode"}, set(spec)
+    assert isinstance(spec["nprocPerNode"], str) and spec["nprocPerNode"].isdigit()
+    run_policy = spec["runPolicy"]
+    assert set(run_policy) <= {
+        "cleanPodPolicy", "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit",
+        "schedulingPolicy", "suspend", "managedBy",
+    }, set(run_policy)
+    assert run_policy["cleanPodPolicy"] in {"None", "Running", "All"}
+    for field in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        assert isinstance(run_policy[field], int) and run_policy[field] > 0, field
+
+    replicas = spec["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"}
+    for role, replica in replicas.items():
+        assert set(replica) <= {"replicas", "restartPolicy", "template"}, set(replica)
+        assert replica["replicas"] == 1, role
+        assert replica["restartPolicy"] == "ExitCode", role
+        pod = replica["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == "pytorch"]  # the operator's container name
+        assert container["image"] == TRAINER_IMAGE, "the image the compiled pipeline uses"
+        assert container["command"][:2] == ["lmforge", "worker"]
+        assert any(a.startswith("--config=/config/") for a in container["command"])
+        gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+        assert gpus >= 1 and gpus == int(spec["nprocPerNode"]), "one training process per GPU"
+        (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == shm["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        assert any(e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"]), "S3 credentials"
+
+
+def test_role_grants_exactly_what_the_train_step_needs() -> None:
+    docs_ = docs(K8S / "rbac.yaml")
+    assert sorted(d["kind"] for d in docs_) == ["Role", "RoleBinding"]
+    role = one("Role")
+    granted = set()
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, "no resourceNames/nonResourceURLs games"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    granted.add((group, resource, verb))
+    expected = (
+        {("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")}
+        | {("", "pods", v) for v in ("get", "list", "watch")}
+        | {("", "pods/log", "get")}
+    )
+    assert granted == expected, f"extra: {granted - expected}, missing: {expected - granted}"
+
+    binding = one("RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner"}]
+
+
+def test_nothing_is_cluster_scoped_or_pinned_to_a_namespace() -> None:
+    for path, obj in all_objects():
+        assert obj["kind"] not in {"ClusterRole", "ClusterRoleBinding", "Namespace"}, path.name
+        assert "namespace" not in obj["metadata"], f"{path.name}: the namespace is the overlay's or the user's"
+
+
+def test_kustomization_lists_only_files_that_exist() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert "namespace" not in kustomization
+    resources = kustomization["resources"]
+    assert resources and len(set(resources)) == len(resources)
+    for resource in resources:
+        assert (K8S / resource).is_file(), f"kustomization.yaml lists {resource}, which does not exist"
+    assert {"rbac.yaml", "mlflow.yaml"} <= set(resources)
+    # Templates and one-off jobs are not applied with the base.
+    assert "secrets.example.yaml" not in resources and "pytorchjob.yaml" not in resources
+
+
+def test_secrets_only_as_placeholders() -> None:
+    for path, obj in all_objects():
+        if obj["kind"] == "Secret":
+            assert path == SECRETS_TEMPLATE, f"{path.name}: Secrets belong in secrets.example.yaml only"
+    for secret in docs(SECRETS_TEMPLATE):
+        assert secret["kind"] == "Secret"
+        assert "data" not in secret, "stringData only: base64 hides what a value is"
+        for key, value in secret["stringData"].items():
+            parts = urlsplit(value)
+            if parts.scheme and parts.netloc:  # a URL: only a password in it is secret
+                assert parts.password in (None, PLACEHOLDER), f"{secret['metadata']['name']}.{key}"
+                assert parts.password or parts.username is None, f"{key}: a user without a placeholder password"
+            else:
+                assert value == PLACEHOLDER, f"{secret['metadata']['name']}.{key} = {value!r}"
+    assert any(PLACEHOLDER in v for s in docs(SECRETS_TEMPLATE) for v in s["stringData"].values())
+
+
+def test_no_credentials_in_plain_values() -> None:
+    credential = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL|BACKEND_STORE_URI|API_KEY", re.I)
+    for where, pod in pod_specs():
+        for container in pod["containers"]:
+            for env in container.get("env", []):
+                if credential.search(env["name"]):
+                    assert "value" not in env and env["valueFrom"]["secretKeyRef"], f"{where}: {env['name']}"
+    for path, obj in all_objects():
+        if obj["kind"] == "Secret":
+            continue
+        for text in walk_strings(obj):
+            assert not re.search(r"AKIA[0-9A-Z]{16}", text), f"{path.name}: an AWS access key id"
+            for url in re.findall(r"[a-z0-9+]+://\S+", text):
+                password = urlsplit(url).password
+                assert password in (None, PLACEHOLDER), f"{path.name}: a password in {url}"
+
+
+def test_every_secret_reference_has_a_template() -> None:
+    templates = {s["metadata"]["name"]: set(s["stringData"]) for s in docs(SECRETS_TEMPLATE)}
+    refs = set()
+    for _, pod in pod_specs():
+        for container in pod["containers"]:
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.add((ref["name"], ref["key"]))
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    refs.update((source["secretRef"]["name"], k) for k in templates.get(source["secretRef"]["name"], {""}))
+    assert refs
+    for name, key in sorted(refs):
+        assert key in templates.get(name, set()), f"secret {name} key {key} has no template in secrets.example.yaml"
+
+
+def test_workloads_run_locked_down() -> None:
+    for where, pod in pod_specs():
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["runAsUser"] != 0, where
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert pod.get("automountServiceAccountToken") is False, f"{where}: no API access needed"
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, where
+            assert security["capabilities"]["drop"] == ["ALL"], where
+            assert security.get("privileged") is not True, where
+            image = container["image"]
+            assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"{where}: pin {image}"
+            resources = container["resources"]
+            assert resources["requests"]["memory"] and resources["limits"]["memory"], where
+            assert resources["requests"]["cpu"], where
+
+
+def test_mlflow_server() -> None:
+    deployment = one("Deployment", K8S / "mlflow.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    # The server runs the same MLflow release as the client lmforge pins (REST and DB schema match).
+    assert container["image"].startswith(f"ghcr.io/mlflow/mlflow:v{importlib.metadata.version('mlflow')}")
+    command = container["command"]
+    assert command[:2] == ["mlflow", "server"]
+    options = dict(arg.split("=", 1) for arg in command[2:])
+    assert options["--host"] == "0.0.0.0" and options["--port"] == "5000"
+    assert options["--artifacts-destination"] == "$(MLFLOW_ARTIFACTS_DESTINATION)"
+    hosts = options["--allowed-hosts"].split(",")
+    assert "*" not in hosts and {"mlflow:5000", "mlflow.*.svc.cluster.local:5000"} <= set(hosts)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "lmforge-mlflow-db"
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "lmforge-s3"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health", probe
+
+    service = one("Service", K8S / "mlflow.yaml")
+    assert service["metadata"]["name"] == "mlflow"
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 5000
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}

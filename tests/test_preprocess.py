@@ -1,0 +1,396 @@
+"""lmforge.preprocess against the real fairseq-preprocess, byte for byte.
+
+The reference outputs come from fairseq's own console script
+(`fairseq-preprocess` next to sys.executable). Importing fairseq costs 5-10 s,
+so one background subprocess runs every reference job (see `FairseqReference`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.errors import LmforgeError
+from lmforge.preprocess import (
+    SPLITS,
+    chunk_offsets,
+    merge_scans,
+    preprocess,
+    scan_range,
+)
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+FAIRSEQ_PREPROCESS = Path(sys.executable).with_name("fairseq-preprocess")
+FAIRSEQ_FILES = ("dict.txt",) + tuple(f"{s}.{e}" for s in SPLITS for e in ("bin", "idx"))
+
+# Dictionary options compared on WikiText: fairseq's defaults; a cut dictionary
+# (threshold and nwords both bite, padding to 8); no padding at all.
+WIKITEXT_OPTIONS = {
+    "default": {},
+    "threshold2-nwords1000": {"threshold": 2, "nwords": 1000, "padding_factor": 8},
+    "padding1": {"padding_factor": 1},
+}
+
+# fairseq picks the .bin dtype from len(dictionary): uint16 below 65500, else uint32
+# (fairseq.data.indexed_dataset.best_fitting_int_dtype). nwords puts the size on
+# each side of the boundary (padding_factor=1 keeps it exact).
+BIG_VOCAB_OPTIONS = {
+    "65499-uint16": ({"nwords": 65499, "padding_factor": 1}, np.uint16),
+    "65500-uint32": ({"nwords": 65500, "padding_factor": 1}, np.uint32),
+    "all-uint32": ({}, np.uint32),
+}
+
+# Lines fairseq reads in odd ways: empty and blank lines, Unicode whitespace
+# inside a line (tokenize_line splits on it), \r\n and lone \r (text mode ends a
+# line at both), NEL/LS/FF (whitespace, not line ends, for readline), literal
+# specials, a word named like fairseq's padding, NUL (our eol sentinel's first
+# choice), a BOM, non-ASCII text, and a last line without newline.
+EDGE_TRAIN = (
+    "b a c b a c d\n"
+    "\n"
+    "   \t  \n"
+    "x\u00a0y\u3000z\u2028w\x0bv\x0cu\x1cq\x85r\n"
+    "crlf line\r\n"
+    "lone cr\rnext line\n"
+    "<unk> </s> <s> <pad> literal specials </s>\n"
+    "madeupword0000 madeupword0001 a\n"
+    "nul\x00inside \x00 \x00\x00 a\n"
+    "\ufeffbom Ünïcödé 日本語 😀 a b\n"
+    "\r\n"
+    "last line without newline"
+)
+EDGE_VALID = "a b unseen words\r\n<unk> a\n\n   \nmadeupword0002 \x00\n"
+EDGE_TEST = ""  # an empty split: empty .bin, an .idx with no sentences
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_corpus(root: Path, train: str, valid: str, test: str) -> Path:
+    root.mkdir(parents=True)
+    for name, text in (("train", train), ("valid", valid), ("test", test)):
+        # newline="" writes \r and \r\n as given
+        with open(root / f"{name}.txt", "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    return root
+
+
+def fairseq_args(corpus: Path, dest: Path, *, threshold: int = 0, nwords: int = -1,
+                 padding_factor: int = 8) -> list[str]:
+    return [
+        "--only-source",
+        "--trainpref", str(corpus / "train.txt"),
+        "--validpref", str(corpus / "valid.txt"),
+        "--testpref", str(corpus / "test.txt"),
+        "--destdir", str(dest),
+        "--thresholdsrc", str(threshold),
+        "--nwordssrc", str(nwords),
+        "--padding-factor", str(padding_factor),
+        "--dataset-impl", "mmap",
+    ]
+
+
+# Runs the fairseq-preprocess console script once per argument list, in one
+# interpreter: the script itself (runpy), with its real command line, so the
+# reference is exactly what `fairseq-preprocess ARGS` writes, while fairseq's
+# import is paid once instead of once per job.
+_DRIVER = """
+import json, runpy, sys
+script, jobs = sys.argv[1], json.loads(sys.argv[2])
+for argv in jobs:
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+"""
+
+
+class FairseqReference:
+    """fairseq-preprocess outputs, computed by one background subprocess.
+
+    The subprocess starts when the fixture is set up and runs while the tests
+    import fairseq and preprocess in-process (two ~10 s imports overlap); the
+    first lookup waits for it.
+    """
+
+    def __init__(self, root: Path, jobs: dict[str, list[str]]) -> None:
+        if not FAIRSEQ_PREPROCESS.exists():
+            pytest.fail(f"{FAIRSEQ_PREPROCESS} not found; install fairseq into the venv (scripts/install.sh)")
+        self._root = root
+        self._log = open(root / "fairseq.log", "w+")
+        self._proc: subprocess.Popen | None = subprocess.Popen(
+            [sys.executable, "-c", _DRIVER, str(FAIRSEQ_PREPROCESS), json.dumps(list(jobs.values()))],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def __getitem__(self, name: str) -> Path:
+        if self._proc is not None:
+            rc = self._proc.wait(timeout=300)
+            self._proc = None
+            self._log.seek(0)
+            assert rc == 0, f"fairseq-preprocess failed:\n{self._log.read()[-5000:]}"
+        return self._root / name
+
+    def close(self) -> None:
+        if self._proc is not None:  # no test needed it after all
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
+
+
+def first_difference(a: bytes, b: bytes) -> int | None:
+    """Offset of the first differing byte (or of the shorter length), None if equal."""
+    if a == b:
+        return None
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.frombuffer(a[:n], np.uint8) != np.frombuffer(b[:n], np.uint8))
+    return int(diff[0]) if len(diff) else n
+
+
+def assert_same_as_fairseq(ours: Path, theirs: Path) -> None:
+    assert sorted(p.name for p in ours.iterdir()) == sorted(FAIRSEQ_FILES + ("summary.json",))
+    for name in FAIRSEQ_FILES:
+        a, b = (ours / name).read_bytes(), (theirs / name).read_bytes()
+        at = first_difference(a, b)
+        assert at is None, f"{name}: {len(a)} bytes vs fairseq's {len(b)}, first difference at byte {at}"
+
+
+def big_vocab_train(n_types: int = 70_000) -> str:
+    """n_types distinct words, 10 per line, with a few repeated so counts differ and tie."""
+    words = [f"w{i:05d}" for i in range(n_types)]
+    lines = [" ".join(words[i : i + 10]) for i in range(0, n_types, 10)]
+    lines += [" ".join(words[:50])] * 3 + [" ".join(words[25:75])] * 2
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def wikitext_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not (WIKITEXT / "valid.txt").is_file() or not (WIKITEXT / "test.txt").is_file():
+        pytest.skip(f"WikiText-2 text not found under {WIKITEXT} (valid.txt, test.txt)")
+    valid = (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    test = (WIKITEXT / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    return write_corpus(
+        tmp_path_factory.mktemp("wikitext") / "corpus",
+        train="".join(valid[:2000]), valid="".join(valid[2000:2500]), test="".join(test[:500]),
+    )
+
+
+@pytest.fixture(scope="module")
+def edge_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("edge") / "corpus", EDGE_TRAIN, EDGE_VALID, EDGE_TEST)
+
+
+@pytest.fixture(scope="module")
+def big_vocab_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("bigvocab") / "corpus", big_vocab_train(), "w00001 w69999 nope\n",
+                        "w00000\n")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, edge_corpus: Path, big_vocab_corpus: Path,
+              request: pytest.FixtureRequest) -> Iterator[FairseqReference]:
+    """fairseq-preprocess output for every case, by name."""
+    root = tmp_path_factory.mktemp("fairseq")
+    cases: dict[str, tuple[Path, dict]] = {"edge": (edge_corpus, {})}
+    cases |= {f"big-{k}": (big_vocab_corpus, opts) for k, (opts, _) in BIG_VOCAB_OPTIONS.items()}
+    if (WIKITEXT / "valid.txt").is_file() and (WIKITEXT / "test.txt").is_file():
+        corpus = request.getfixturevalue("wikitext_corpus")
+        cases |= {f"wikitext-{k}": (corpus, opts) for k, opts in WIKITEXT_OPTIONS.items()}
+    ref = FairseqReference(root, {name: fairseq_args(corpus, root / name, **opts)
+                                  for name, (corpus, opts) in cases.items()})
+    yield ref
+    ref.close()
+
+
+# --------------------------------------------------------------------------- byte identity
+
+
+@pytest.mark.parametrize("option", list(WIKITEXT_OPTIONS))
+def test_wikitext_matches_fairseq_preprocess(option: str, wikitext_corpus: Path, reference: FairseqReference,
+                                             tmp_path: Path) -> None:
+    summary = preprocess(wikitext_corpus, tmp_path / "out", **WIKITEXT_OPTIONS[option])
+    assert_same_as_fairseq(tmp_path / "out", reference[f"wikitext-{option}"])
+    assert summary["vocab_size"] % WIKITEXT_OPTIONS[option].get("padding_factor", 8) == 0
+
+
+def test_edge_cases_match_fairseq_preprocess(edge_corpus: Path, reference: FairseqReference, tmp_path: Path) -> None:
+    summary = preprocess(edge_corpus, tmp_path / "out")
+    assert_same_as_fairseq(tmp_path / "out", reference["edge"])
+    assert summary["splits"]["test"] == {"sentences": 0, "tokens": 0, "unk": 0}
+    # 12 lines in train: the lone \r splits one, the last has no newline.
+    assert summary["splits"]["train"]["sentences"] == 13
+
+
+@pytest.mark.parametrize("option", list(BIG_VOCAB_OPTIONS))
+def test_large_vocabulary_dtype_matches_fairseq(option: str, big_vocab_corpus: Path, reference: FairseqReference,
+                                                tmp_path: Path) -> None:
+    opts, dtype = BIG_VOCAB_OPTIONS[option]
+    preprocess(big_vocab_corpus, tmp_path / "out", **opts)
+    assert_same_as_fairseq(tmp_path / "out", reference[f"big-{option}"])
+    from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+    ds = MMapIndexedDataset(str(tmp_path / "out" / "train"))
+    assert ds._index.dtype == dtype
+
+
+# --------------------------------------------------------------------------- workers and chunking
+
+
+def test_workers_do_not_change_output(big_vocab_corpus: Path, tmp_path: Path) -> None:
+    """A real process pool (spawn); chunk merging on odd text is covered below without one."""
+    one = preprocess(big_vocab_corpus, tmp_path / "w1", workers=1)
+    two = preprocess(big_vocab_corpus, tmp_path / "w2", workers=2)
+    assert one == two
+    for name in FAIRSEQ_FILES + ("summary.json",):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 7, 50])
+@pytest.mark.parametrize("block_bytes", [1, 7, 64, 1 << 20])
+def test_chunks_and_blocks_scan_like_the_whole_file(chunks: int, block_bytes: int, edge_corpus: Path) -> None:
+    """Any line-aligned chunking and any block size give the whole file's tokens and lines."""
+    path = edge_corpus / "train.txt"
+    whole = scan_range(path, 0, path.stat().st_size, block_bytes=1 << 30)
+    offsets = chunk_offsets(path, chunks)
+    data = path.read_bytes()
+    assert offsets[0] == 0 and offsets[-1] == len(data) and offsets == sorted(set(offsets))
+    assert all(data[o - 1 : o] == b"\n" for o in offsets[1:-1]), "cuts fall just after a newline"
+    merged = merge_scans([scan_range(path, a, b, block_bytes) for a, b in zip(offsets, offsets[1:])])
+    assert merged.uniques == whole.uniques
+    assert np.array_equal(merged.fids, whole.fids)
+    # The tokens are fairseq's: tokenize_line per line, in readline's (universal newline) lines.
+    from fairseq.tokenizer import tokenize_line
+
+    with open(path, encoding="utf-8") as f:
+        expected = [tok for line in f for tok in [*tokenize_line(line), "</s>"]]
+    assert [whole.uniques[i] if i else "</s>" for i in whole.fids.tolist()] == expected
+
+
+# --------------------------------------------------------------------------- dictionary and summary
+
+
+def test_ties_are_sorted_alphabetically(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", "b a c b a c d\ne d\n", "a\n", "z\n")
+    summary = preprocess(corpus, tmp_path / "out", padding_factor=1)
+    # counts: a b c d 2, e 1; count descending, ties alphabetical
+    assert (tmp_path / "out" / "dict.txt").read_text(encoding="utf-8") == "a 2\nb 2\nc 2\nd 2\ne 1\n"
+    assert summary["vocab_size"] == 4 + 5
+    assert summary["splits"]["test"] == {"sentences": 1, "tokens": 2, "unk": 1}
+
+
+def test_padding_uses_madeupwords(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", "x y y\n", "x\n", "y\n")
+    summary = preprocess(corpus, tmp_path / "out", padding_factor=8)
+    assert (tmp_path / "out" / "dict.txt").read_text(encoding="utf-8") == "y 2\nx 1\nmadeupword0000 0\nmadeupword0001 0\n"
+    assert summary["vocab_size"] == 8
+
+
+def read_sentences(prefix: Path) -> Iterator[np.ndarray]:
+    from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+    ds = MMapIndexedDataset(str(prefix))
+    for i in range(len(ds)):
+        yield ds[i].numpy()
+
+
+def test_summary_matches_the_binarized_data(wikitext_corpus: Path, tmp_path: Path) -> None:
+    from fairseq.data import Dictionary
+
+    summary = preprocess(wikitext_corpus, tmp_path / "out", threshold=2)
+    out = tmp_path / "out"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    import hashlib
+
+    assert summary["dict_sha256"] == hashlib.sha256((out / "dict.txt").read_bytes()).hexdigest()
+    d = Dictionary.load(str(out / "dict.txt"))
+    d.pad_to_multiple_(8)  # fairseq's LM task loads dict.txt the same way before training
+    assert summary["vocab_size"] == len(d)
+    for split in SPLITS:
+        lines = (wikitext_corpus / f"{split}.txt").read_text(encoding="utf-8").splitlines()
+        sentences = list(read_sentences(out / split))
+        stats = summary["splits"][split]
+        assert stats["sentences"] == len(sentences) == len(lines)
+        assert stats["tokens"] == sum(len(s) for s in sentences) == sum(len(line.split()) + 1 for line in lines)
+        assert all(s[-1] == d.eos() for s in sentences)
+        literal_unk = sum(line.split().count(d.unk_word) for line in lines)
+        assert stats["unk"] == sum(int((s == d.unk()).sum()) for s in sentences) - literal_unk
+        # ids decode to the text, words out of the dictionary as <unk>
+        for line, ids in zip(lines[:50], sentences[:50]):
+            assert [d[i] for i in ids[:-1]] == [w if w in d.indices else d.unk_word for w in line.split()]
+    assert summary["splits"]["valid"]["unk"] > 0
+
+
+# --------------------------------------------------------------------------- errors and atomicity
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(name) and p.name != name)
+
+
+def test_missing_split_names_the_file_and_writes_nothing(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", "a b\n", "a\n", "b\n")
+    (corpus / "valid.txt").unlink()
+    with pytest.raises(LmforgeError, match=r"missing .*valid\.txt") as err:
+        preprocess(corpus, tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_failure_midway_leaves_nothing_and_keeps_earlier_output(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", "a b\n", "a\n", "b\n")
+    (corpus / "test.txt").write_bytes(b"ok\n\xff\xfe not utf-8\n")
+    with pytest.raises(LmforgeError, match=r"test\.txt is not UTF-8 .*offset 3"):
+        preprocess(corpus, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
+
+    (corpus / "test.txt").write_text("b\n", encoding="utf-8")
+    before = preprocess(corpus, tmp_path / "out")
+    (corpus / "test.txt").write_bytes(b"\xff\n")
+    with pytest.raises(LmforgeError):
+        preprocess(corpus, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == before
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_existing_output_is_replaced(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", "a b\n", "a\n", "b\n")
+    preprocess(corpus, tmp_path / "out")
+    (tmp_path / "out" / "preprocess.log").write_text("from an earlier fairseq-preprocess run\n")
+    (corpus / "train.txt").write_text("c c d\n", encoding="utf-8")
+    summary = preprocess(corpus, tmp_path / "out")
+    assert (tmp_path / "out" / "dict.txt").read_text() == "c 2\nd 1\nmadeupword0000 0\nmadeupword0001 0\n"
+    assert not (tmp_path / "out" / "preprocess.log").exists()
+    assert summary["splits"]["valid"]["unk"] == 1
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_refuses_a_destination_holding_other_files(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", "a b\n", "a\n", "b\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.md").write_text("mine")
+    with pytest.raises(LmforgeError, match=r"notes\.md"):
+        preprocess(corpus, tmp_path / "out")
+    assert (tmp_path / "out" / "notes.md").read_text() == "mine"
+    with pytest.raises(LmforgeError, match=r"train\.txt"):  # the corpus itself is never a destination
+        preprocess(corpus, corpus)
+
+
+def test_bad_arguments_are_reported_together(tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError) as err:
+        preprocess(tmp_path / "nowhere", tmp_path / "out", workers=0, nwords="10")  # type: ignore[arg-type]
+    message = str(err.value)
+    for part in ("workers", "nwords", "train.txt", "valid.txt", "test.txt"):
+        assert part in message
+    assert not (tmp_path / "out").exists()
