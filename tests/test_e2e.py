@@ -85,4 +85,4 @@ def test_registered_model_scores_like_fairseq_hub(finished_run):
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(result.stdout.strip().splitlines()[-1])[0]
     assert row["log_prob"] == pytest.approx(expected, abs=1e-4)
-    assert row["tokens"] == len(HELD_OUT.split()) + 1
+    assert row["tokens"] == len(HELD_OUT.split())

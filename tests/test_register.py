@@ -111,6 +111,7 @@ def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, expected)
     assert "ve-fairseq==0.12.3" in requirements and "+cpu" not in requirements
 
 
+@pytest.mark.slow
 def test_a_fresh_process_loads_the_model_by_alias(tiny_lm, tracking, expected, tmp_path):
     uri, _, _ = tracking
     result = register(tiny_lm, tracking)

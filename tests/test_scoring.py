@@ -129,6 +129,7 @@ def test_scores_are_fairseq_hub_scores_plus_the_eos_token(model, hub):
         assert row.perplexity == pytest.approx(math.exp(-row.log_prob / row.tokens), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_totals_match_fairseq_eval_lm(model, tiny_lm, tmp_path):
     """fairseq-eval-lm --sample-break-mode eos scores each line the same way, eos included."""
     texts = SENTENCES  # the empty line too: fairseq-preprocess keeps it as a lone eos

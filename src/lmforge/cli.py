@@ -155,6 +155,9 @@ def cmd_register(args: argparse.Namespace) -> None:
     from lmforge.register import register_model
 
     cfg = resolve_storage(load_config(args))
+    for path, what in ((Path(args.checkpoint), "checkpoint"), (Path(args.data_bin) / "dict.txt", "dictionary")):
+        if not path.is_file():  # checked before a tracking run is created for nothing
+            raise LmforgeError(f"{what} {path} does not exist; pass --checkpoint FILE and --data-bin DIR with dict.txt")
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.storage.root)
     run_id = args.run_id or tracking.pipeline_run(
         uri, cfg.tracking.experiment, f"manual-{Path(args.checkpoint).resolve().parent.name}",

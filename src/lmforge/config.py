@@ -61,7 +61,7 @@ class PreprocessConfig:
     """Tokenization and the fairseq dictionary (fairseq-preprocess --only-source options)."""
 
     tokenizer: str = doc("Tokenizer applied before counting: 'none' (whitespace tokens, as WikiText ships them).", "none")
-    threshold: int = doc("Map words appearing <= threshold times to <unk> (fairseq --thresholdsrc).", 0)
+    threshold: int = doc("Map words appearing fewer than threshold times to <unk> (fairseq --thresholdsrc).", 0)
     nwords: int = doc("Keep at most this many words in the dictionary, -1 for all (fairseq --nwordssrc).", -1)
     padding_factor: int = doc("Pad the dictionary size to a multiple of this (fairseq --padding-factor).", 8)
     workers: int = doc("Processes used to count and binarize on one machine.", 1)

@@ -60,11 +60,15 @@ def eval_lm(argv: list[str]) -> dict[str, float]:
     counter = _TokenCounter()
     eval_logger = logging.getLogger(fairseq_eval_lm.__name__)
     eval_logger.addHandler(counter)
+    # The count is read from an INFO line: make sure it is emitted whatever LOGLEVEL says.
+    previous_level = eval_logger.level
+    eval_logger.setLevel(logging.INFO)
     started = time.perf_counter()
     try:
         results = fairseq_eval_lm.main(cfg)
     finally:
         eval_logger.removeHandler(counter)
+        eval_logger.setLevel(previous_level)
     return {
         "loss": float(results["loss"]),
         "perplexity": float(results["perplexity"]),

@@ -9,7 +9,7 @@ Out: a new version of the registered model, an MLflow pyfunc model
      ``{"model_uri": "models:/NAME@ALIAS", "version": "N", "run_id": RUN_ID}``.
 
     lmforge register --config pipelines/configs/tiny.yaml \\
-        --checkpoint runs/.../checkpoint_best.pt --dict runs/.../data-bin/dict.txt \\
+        --checkpoint runs/.../checkpoints/checkpoint_best.pt --data-bin runs/.../data-bin \\
         --run-id <mlflow run id>
 
 The optimizer state is dropped from the checkpoint first: it is about twice the size of the
@@ -85,7 +85,7 @@ def register_model(
     if not dict_path.is_file():
         raise LmforgeError(
             f"checkpoint without its dictionary: {dict_path} does not exist; "
-            "pass --dict with the dict.txt the model was trained with"
+            "pass --data-bin with the dict.txt the model was trained with"
         )
     if not model_name or not model_name.strip():
         raise LmforgeError("model name is empty; set registry.model_name")
@@ -100,7 +100,9 @@ def register_model(
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise LmforgeError(f"MLflow run {run_id!r} not found at {tracking_uri}; pass the run id of this pipeline run") from None
+        raise LmforgeError(
+            f"MLflow run {run_id!r} not found at {tracking_uri}; pass the run id of this pipeline run"
+        ) from None
     if run.info.lifecycle_stage == "deleted":
         raise LmforgeError(f"MLflow run {run_id} at {tracking_uri} is deleted; restore it or pass another run id")
 
@@ -194,12 +196,13 @@ def _check_loads(model_pt: Path, dict_txt: Path, checkpoint: Path, dict_path: Pa
 
     try:
         FairseqLanguageModel.from_files(model_pt, dict_txt).score_texts(list(texts))
-    except RuntimeError as exc:
-        # load_state_dict's "size mismatch for decoder.embed_tokens.weight": the dictionary
-        # has a different number of symbols than the model was trained with.
+    except (RuntimeError, ValueError) as exc:
+        # RuntimeError: load_state_dict's "size mismatch for decoder.embed_tokens.weight", the
+        # dictionary has a different number of symbols than the model was trained with.
+        # ValueError: fairseq's "Incorrect dictionary format" for a file that is no dict.txt.
         raise LmforgeError(
             f"checkpoint {checkpoint} does not load with {dict_path} ({_first_line(exc)}); "
-            "pass the dict.txt the model was trained with"
+            "pass --data-bin with the dict.txt the model was trained with"
         ) from None
 
 
