@@ -58,3 +58,129 @@ def trained_checkpoints(small_data_bin: Path, tmp_path_factory: pytest.TempPathF
     cfg = config.load(TINY_CONFIG, ["train.max_update=12", "train.max_epoch=0", "train.log_interval=2"])
     save_dir = tmp_path_factory.mktemp("train") / "checkpoints"
     return save_dir, train(cfg, small_data_bin, save_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny fairseq LM and fairseq's own scores for it, shared by test_scoring.py and
+# test_register.py (neither test module imports the other).
+
+import subprocess  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+#: What the scoring tests score: an empty text, out-of-vocabulary words, a one-word text.
+SCORED_TEXTS = (
+    "the cat sat on the mat",
+    "",
+    "Homarus gammarus , known as the European lobster , is a species of lobster",
+    "zzzqqq unknownword",
+    "The",
+)
+
+
+@dataclass(frozen=True)
+class TinyLM:
+    checkpoint: Path  # fairseq checkpoint_last.pt, optimizer state included
+    dict_path: Path  # data-bin/dict.txt
+    data_bin: Path
+
+
+def run_checked(cmd: list, timeout: int = 300) -> str:
+    """Run `cmd`; its stdout and stderr together, or a test failure with their tails."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def train_tiny_lm(base: Path) -> TinyLM:
+    """Train a tiny transformer LM for real under `base`: fairseq-preprocess + fairseq-train on
+    300 WikiText-2 lines, 5 updates, CPU (once: a second caller finds it done)."""
+    lm = TinyLM(base / "ckpt" / "checkpoint_last.pt", base / "data-bin" / "dict.txt", base / "data-bin")
+    if (base / "done").exists():
+        return lm
+    valid = wikitext_or_skip() / "valid.txt"
+    base.mkdir(parents=True, exist_ok=True)
+    lines = valid.read_text(encoding="utf-8").splitlines(keepends=True)
+    (base / "train.txt").write_text("".join(lines[:300]), encoding="utf-8")
+    (base / "valid.txt").write_text("".join(lines[300:350]), encoding="utf-8")
+    run_checked(
+        [VENV_BIN / "fairseq-preprocess", "--only-source", "--trainpref", base / "train.txt",
+         "--validpref", base / "valid.txt", "--destdir", lm.data_bin, "--workers", "1"],
+    )
+    # decoder input/output dims 32 (default 512): a 0.9 MB model instead of 13 MB.
+    # --tokens-per-sample 64: the model's max positions, so a text scores 63 words at most.
+    run_checked(
+        [VENV_BIN / "fairseq-train", lm.data_bin, "--task", "language_modeling",
+         "--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "32",
+         "--decoder-input-dim", "32", "--decoder-output-dim", "32",
+         "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
+         "--tokens-per-sample", "64", "--max-tokens", "512", "--max-update", "5",
+         "--optimizer", "adam", "--lr", "0.001", "--cpu", "--no-epoch-checkpoints",
+         "--num-workers", "0", "--seed", "1", "--save-dir", lm.checkpoint.parent],
+    )
+    assert lm.checkpoint.is_file() and lm.dict_path.is_file()
+    (base / "done").touch()
+    return lm
+
+
+def load_hub(lm: TinyLM):
+    """fairseq's own hub interface on the original checkpoint."""
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    hub = TransformerLanguageModel.from_pretrained(
+        str(lm.checkpoint.parent), lm.checkpoint.name, data_name_or_path=str(lm.data_bin)
+    )
+    return hub.eval()
+
+
+def reference_positional_scores(hub, text: str):
+    """Per-token natural-log probabilities of text + eos, from one unbatched forward pass
+    (no SequenceScorer): the words' scores, which the hub's score() also gives, then eos's."""
+    import torch
+
+    ids = hub.encode(text)  # words..., eos
+    src = torch.cat([ids.new_tensor([hub.task.source_dictionary.eos()]), ids[:-1]]).unsqueeze(0)
+    model = hub.models[0]
+    with torch.no_grad():
+        lprobs = model.get_normalized_probs(model(src), log_probs=True)[0]
+    return lprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def hub_expected_row(hub, text: str) -> dict:
+    """What the registered model must return for `text`, from fairseq itself: log_prob and
+    tokens from the hub's score(), eos_log_prob from the unbatched reference pass."""
+    words = hub.score(text)["positional_scores"]
+    return {
+        "log_prob": float(words.sum()),
+        "tokens": int(words.numel()),
+        "eos_log_prob": float(reference_positional_scores(hub, text)[-1]),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> TinyLM:
+    return train_tiny_lm(tmp_path_factory.getbasetemp() / "tiny-lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_hub(tiny_lm: TinyLM):
+    """fairseq's hub interface (TransformerLanguageModel.from_pretrained) on the tiny LM."""
+    return load_hub(tiny_lm)
+
+
+@pytest.fixture(scope="session")
+def scored_texts() -> list[str]:
+    return list(SCORED_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def hub_expected(tiny_hub, scored_texts):
+    """One row per scored text: log_prob, tokens and eos_log_prob as fairseq computes them."""
+    import pandas as pd
+
+    return pd.DataFrame([hub_expected_row(tiny_hub, text) for text in scored_texts])
+
+
+@pytest.fixture(scope="session")
+def reference_scores(tiny_hub):
+    """text -> per-token log-probabilities of its words and eos (`reference_positional_scores`)."""
+    return lambda text: reference_positional_scores(tiny_hub, text)

@@ -86,3 +86,11 @@ def test_every_field_is_documented():
     assert len(rows) > 30
     for name, text, _default in rows:
         assert text.strip(), f"{name} has no documentation"
+
+
+def test_digit_only_override_of_a_string_field_keeps_its_text():
+    digest = "0" * 63 + "1"
+    cfg = config.load(TINY, [f"corpus.sha256={digest}", "registry.model_name=2024", "train.extra_args.max_tokens_valid=512"])
+    assert cfg.corpus.sha256 == digest
+    assert cfg.registry.model_name == "2024"
+    assert cfg.train.extra_args["max_tokens_valid"] == 512

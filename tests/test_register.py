@@ -1,4 +1,8 @@
-"""lmforge.register: a real MLflow registry (SQLite in tmp_path) and a real tiny fairseq LM."""
+"""lmforge.register: a real MLflow registry (SQLite in tmp_path) and a real tiny fairseq LM.
+
+The tiny LM, the texts and fairseq's own scores for them (`hub_expected`) come from
+tests/conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,6 @@ import pytest
 from lmforge.errors import LmforgeError
 from lmforge.register import register_model, serving_requirements
 
-# The tiny LM and the reference scorer live with the scoring tests (pytest's default
-# "prepend" import mode puts tests/ on sys.path).
-from test_scoring import SENTENCES, load_hub, reference_positional_scores, tiny_lm_files
-
 NAME, ALIAS = "tiny-lm", "champion"
 TAGS = {
     "corpus_sha256": "a" * 64,
@@ -28,21 +28,13 @@ TAGS = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory):
-    return tiny_lm_files(tmp_path_factory.getbasetemp() / "tiny-lm")
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_lm) -> pd.DataFrame:
-    """log_prob and tokens from fairseq's hub interface on the original checkpoint."""
-    hub = load_hub(tiny_lm)
-    rows = []
-    for text in SENTENCES:
-        words = hub.score(text)["positional_scores"]  # the hub scores the words only
-        eos = reference_positional_scores(hub, text)[-1]
-        rows.append({"log_prob": float(words.sum()) + float(eos), "tokens": len(words) + 1})
-    return pd.DataFrame(rows)
+def assert_scores_like_fairseq(out: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """`out` (a loaded model's predictions) against fairseq's scores of the same texts."""
+    assert out.columns.tolist() == ["log_prob", "tokens", "perplexity", "eos_log_prob"]
+    assert out.tokens.tolist() == expected.tokens.tolist()  # hub.score()'s positional_scores.numel()
+    # log_prob is hub.score(text)["positional_scores"].sum()
+    assert out.log_prob.tolist() == pytest.approx(expected.log_prob.tolist(), abs=1e-4)
+    assert out.eos_log_prob.tolist() == pytest.approx(expected.eos_log_prob.tolist(), abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ def register(lm, tracking, **overrides):
     return register_model(**{**kwargs, **overrides})
 
 
-def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, expected):
+def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, hub_expected, scored_texts):
     import mlflow
     import torch
 
@@ -96,9 +88,11 @@ def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, expected)
     assert client.get_run(run_id).info.status == "RUNNING"
 
     model = mlflow.pyfunc.load_model(result["model_uri"])
-    out = model.predict(pd.DataFrame({"text": SENTENCES}))
-    assert out.tokens.tolist() == expected.tokens.tolist()
-    assert out.log_prob.tolist() == pytest.approx(expected.log_prob.tolist(), abs=1e-4)
+    # A plain list and a DataFrame with a text column: both pass the signature.
+    from_list = model.predict(scored_texts)
+    assert_scores_like_fairseq(from_list, hub_expected)
+    pd.testing.assert_frame_equal(model.predict(pd.DataFrame({"text": scored_texts})), from_list)
+    assert model.metadata.get_input_schema().to_dict() == [{"type": "string", "required": True}]
 
     # The registered checkpoint is the weights without the optimizer state.
     local = Path(mlflow.artifacts.download_artifacts(result["model_uri"]))
@@ -112,24 +106,27 @@ def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, expected)
 
 
 @pytest.mark.slow
-def test_a_fresh_process_loads_the_model_by_alias(tiny_lm, tracking, expected, tmp_path):
+def test_a_fresh_process_loads_the_model_by_alias(tiny_lm, tracking, hub_expected, scored_texts, tmp_path):
     uri, _, _ = tracking
     result = register(tiny_lm, tracking)
+    # As a user would: a plain list, then a DataFrame with a text column.
     code = (
         "import json, sys, mlflow, pandas as pd\n"
         "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
-        "out = model.predict(pd.DataFrame({'text': json.loads(sys.argv[2])}))\n"
-        "print(out.to_json(orient='records'))\n"
+        "texts = json.loads(sys.argv[2])\n"
+        "from_list = model.predict(texts)\n"
+        "from_frame = model.predict(pd.DataFrame({'text': texts}))\n"
+        "print(json.dumps([from_list.to_dict('list'), from_frame.to_dict('list')]))\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     proc = subprocess.run(
-        [sys.executable, "-c", code, result["model_uri"], json.dumps(SENTENCES)],
+        [sys.executable, "-c", code, result["model_uri"], json.dumps(scored_texts)],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = pd.DataFrame(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert out.tokens.tolist() == expected.tokens.tolist()
-    assert out.log_prob.tolist() == pytest.approx(expected.log_prob.tolist(), abs=1e-4)
+    from_list, from_frame = (pd.DataFrame(d) for d in json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert_scores_like_fairseq(from_list, hub_expected)
+    assert_scores_like_fairseq(from_frame, hub_expected)
 
 
 def test_registering_twice_makes_version_2_and_moves_the_alias(tiny_lm, tracking):

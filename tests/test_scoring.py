@@ -1,8 +1,7 @@
 """lmforge.scoring: the pyfunc language model against fairseq's own scoring.
 
-A tiny fairseq transformer LM is trained for real (fairseq-preprocess + fairseq-train on 300
-WikiText-2 lines, 5 updates, CPU) once per session; `tiny_lm_files` is shared with
-tests/test_register.py.
+The tiny fairseq LM (trained for real once per session), fairseq's hub interface on it and
+the texts scored come from tests/conftest.py (`tiny_lm`, `tiny_hub`, `scored_texts`).
 """
 
 from __future__ import annotations
@@ -11,96 +10,12 @@ import math
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.scoring import COLUMNS, FairseqLanguageModel, model_signature
-
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-BIN = Path(sys.executable).parent
-
-SENTENCES = [
-    "the cat sat on the mat",
-    "",
-    "Homarus gammarus , known as the European lobster , is a species of lobster",
-    "zzzqqq unknownword",
-    "The",
-]
-
-
-@dataclass(frozen=True)
-class TinyLM:
-    checkpoint: Path  # fairseq checkpoint_last.pt, optimizer state included
-    dict_path: Path  # data-bin/dict.txt
-    data_bin: Path
-
-
-def tiny_lm_files(base: Path) -> TinyLM:
-    """Train the tiny LM under `base` (once: a second caller finds it done)."""
-    lm = TinyLM(base / "ckpt" / "checkpoint_last.pt", base / "data-bin" / "dict.txt", base / "data-bin")
-    if (base / "done").exists():
-        return lm
-    valid = WIKITEXT / "valid.txt"
-    if not valid.is_file():
-        pytest.skip(f"WikiText-2 sample not found at {valid} (the tiny LM is trained on it)")
-    base.mkdir(parents=True, exist_ok=True)
-    lines = valid.read_text(encoding="utf-8").splitlines(keepends=True)
-    (base / "train.txt").write_text("".join(lines[:300]), encoding="utf-8")
-    (base / "valid.txt").write_text("".join(lines[300:350]), encoding="utf-8")
-    _run(
-        [BIN / "fairseq-preprocess", "--only-source", "--trainpref", base / "train.txt",
-         "--validpref", base / "valid.txt", "--destdir", lm.data_bin, "--workers", "1"],
-    )
-    # decoder input/output dims 32 (default 512): a 0.9 MB model instead of 13 MB.
-    _run(
-        [BIN / "fairseq-train", lm.data_bin, "--task", "language_modeling",
-         "--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "32",
-         "--decoder-input-dim", "32", "--decoder-output-dim", "32",
-         "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
-         "--tokens-per-sample", "64", "--max-tokens", "512", "--max-update", "5",
-         "--optimizer", "adam", "--lr", "0.001", "--cpu", "--no-epoch-checkpoints",
-         "--num-workers", "0", "--seed", "1", "--save-dir", lm.checkpoint.parent],
-    )
-    assert lm.checkpoint.is_file() and lm.dict_path.is_file()
-    (base / "done").touch()
-    return lm
-
-
-def _run(cmd: list) -> str:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{cmd[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-def load_hub(lm: TinyLM):
-    """fairseq's own hub interface on the original checkpoint."""
-    from fairseq.models.transformer_lm import TransformerLanguageModel
-
-    hub = TransformerLanguageModel.from_pretrained(
-        str(lm.checkpoint.parent), lm.checkpoint.name, data_name_or_path=str(lm.data_bin)
-    )
-    return hub.eval()
-
-
-def reference_positional_scores(hub, text: str):
-    """Per-token natural-log probabilities of text + eos, from one unbatched forward pass."""
-    import torch
-
-    ids = hub.encode(text)  # words..., eos
-    src = torch.cat([ids.new_tensor([hub.task.source_dictionary.eos()]), ids[:-1]]).unsqueeze(0)
-    model = hub.models[0]
-    with torch.no_grad():
-        lprobs = model.get_normalized_probs(model(src), log_probs=True)[0]
-    return lprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-
-
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory) -> TinyLM:
-    return tiny_lm_files(tmp_path_factory.getbasetemp() / "tiny-lm")
+from lmforge.scoring import COLUMNS, FairseqLanguageModel, input_example, model_signature
 
 
 @pytest.fixture(scope="module")
@@ -108,31 +23,34 @@ def model(tiny_lm) -> FairseqLanguageModel:
     return FairseqLanguageModel.from_files(tiny_lm.checkpoint, tiny_lm.dict_path)
 
 
-@pytest.fixture(scope="module")
-def hub(tiny_lm):
-    return load_hub(tiny_lm)
-
-
-def test_scores_are_fairseq_hub_scores_plus_the_eos_token(model, hub):
-    out = model.predict(None, SENTENCES)
-    assert list(out.columns) == list(COLUMNS) and len(out) == len(SENTENCES)
-    for text, row in zip(SENTENCES, out.itertuples()):
-        ref = reference_positional_scores(hub, text)
+def assert_scores_like_the_hub(out: pd.DataFrame, texts: list[str], hub, reference_scores) -> None:
+    assert list(out.columns) == list(COLUMNS) and len(out) == len(texts)
+    for text, row in zip(texts, out.itertuples()):
         hub_scores = hub.score(text)["positional_scores"]
-        # The reference is fairseq's hub scoring over the words, plus the eos position the
-        # hub leaves out.
-        assert len(hub_scores) == len(ref) - 1 == len(text.split())
+        assert row.log_prob == pytest.approx(float(hub_scores.sum()), abs=1e-4), text
+        assert row.tokens == hub_scores.numel(), text
+        if row.tokens:
+            assert row.perplexity == pytest.approx(math.exp(-row.log_prob / row.tokens), rel=1e-9)
+        else:
+            assert math.isnan(row.perplexity)
+        # The eos term, from one unbatched forward pass; its other positions are the hub's.
+        ref = reference_scores(text)
         assert ref[:-1].tolist() == pytest.approx(hub_scores.tolist(), abs=1e-4)
-        assert row.log_prob == pytest.approx(float(ref.sum()), abs=1e-4)
-        assert row.log_prob == pytest.approx(float(hub_scores.sum()) + float(ref[-1]), abs=1e-4)
-        assert row.tokens == len(text.split()) + 1
-        assert row.perplexity == pytest.approx(math.exp(-row.log_prob / row.tokens), rel=1e-9)
+        assert row.eos_log_prob == pytest.approx(float(ref[-1]), abs=1e-4), text
+
+
+def test_scores_are_fairseq_hub_scores(model, tiny_hub, reference_scores, scored_texts):
+    out = model.predict(None, scored_texts)
+    assert_scores_like_the_hub(out, scored_texts, tiny_hub, reference_scores)
+    assert out.tokens.tolist() == [len(text.split()) for text in scored_texts]
+    assert (out.eos_log_prob < 0).all()
 
 
 @pytest.mark.slow
-def test_totals_match_fairseq_eval_lm(model, tiny_lm, tmp_path):
-    """fairseq-eval-lm --sample-break-mode eos scores each line the same way, eos included."""
-    texts = SENTENCES  # the empty line too: fairseq-preprocess keeps it as a lone eos
+def test_log_prob_plus_eos_matches_fairseq_eval_lm(model, tiny_lm, scored_texts, tmp_path):
+    """fairseq-eval-lm --sample-break-mode eos scores each line with its eos: the words'
+    log_prob plus eos_log_prob, over tokens + 1 per line."""
+    texts = scored_texts  # the empty line too: fairseq-preprocess keeps it as a lone eos
     (tmp_path / "test.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     data = tmp_path / "bin"
     # One interpreter for both CLIs: fairseq's import costs seconds.
@@ -147,42 +65,69 @@ def test_totals_match_fairseq_eval_lm(model, tiny_lm, tmp_path):
         " '--num-workers', '0']\n"
         "eval_lm.cli_main()\n"
     )
-    log = _run([sys.executable, "-c", script])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
     evaluated = int(re.search(r"Evaluated ([\d,]+) tokens", log).group(1).replace(",", ""))
     loss_base2 = float(re.search(r"Loss \(base 2\): ([\d.]+)", log).group(1))
 
     out = model.predict(None, texts)
-    assert int(out.tokens.sum()) == evaluated
-    ours = -out.log_prob.sum() / out.tokens.sum() / math.log(2)
+    total_tokens = int((out.tokens + 1).sum())
+    assert total_tokens == evaluated
+    ours = -(out.log_prob + out.eos_log_prob).sum() / total_tokens / math.log(2)
     assert ours == pytest.approx(loss_base2, abs=1e-4)  # eval-lm prints 4 decimals
 
 
-def test_batched_scores_equal_one_text_at_a_time(model):
-    texts = SENTENCES + [" ".join(["the"] * n) for n in (3, 17, 40, 62)] + ["a b c"] * 5
+def test_batched_scores_equal_one_text_at_a_time(model, scored_texts):
+    texts = scored_texts + [" ".join(["the"] * n) for n in (3, 17, 40, 62, 63)] + ["a b c"] * 5
     together = model.predict(None, texts)
     alone = pd.concat([model.predict(None, [t]) for t in texts], ignore_index=True)
     assert together.tokens.tolist() == alone.tokens.tolist()
-    assert together.log_prob.tolist() == pytest.approx(alone.log_prob.tolist(), abs=1e-4)
+    for column in ("log_prob", "eos_log_prob"):
+        assert together[column].tolist() == pytest.approx(alone[column].tolist(), abs=1e-4)
 
 
-def test_every_input_form_gives_the_same_frame(model):
-    expected = model.predict(None, SENTENCES[:3])
-    assert expected.dtypes.astype(str).tolist() == ["float64", "int64", "float64"]
+def test_the_longest_text_the_model_takes_scores_like_the_hub(model, tiny_hub, reference_scores):
+    # max positions 64 = the start token and 63 words
+    texts = [" ".join(["the", "game", "was"] * 21), " ".join(["lobster"] * 62)]
+    assert_scores_like_the_hub(model.predict(None, texts), texts, tiny_hub, reference_scores)
+
+
+def test_a_literal_eos_word_is_treated_as_the_hub_treats_it(model, tiny_hub):
+    # The hub strips eos from both ends of the encoded text, not from its middle.
+    texts = ["</s> the cat </s>", "the </s> cat", "</s>"]
+    out = model.predict(None, texts)
+    for text, row in zip(texts, out.itertuples()):
+        hub_scores = tiny_hub.score(text)["positional_scores"]
+        assert row.log_prob == pytest.approx(float(hub_scores.sum()), abs=1e-4), text
+        assert row.tokens == hub_scores.numel(), text
+    expected = model.predict(None, ["the cat", "", ""])
+    pd.testing.assert_frame_equal(out.iloc[[0, 2]].reset_index(drop=True), expected.iloc[[0, 2]].reset_index(drop=True))
+    assert out.tokens.tolist() == [2, 3, 0]
+
+
+def test_every_input_form_gives_the_same_frame(model, scored_texts):
+    texts = scored_texts[:3]
+    expected = model.predict(None, texts)
+    assert expected.dtypes.astype(str).tolist() == ["float64", "int64", "float64", "float64"]
     for given in (
-        pd.DataFrame({"id": [1, 2, 3], "text": SENTENCES[:3]}),  # the `text` column
-        pd.DataFrame({"sentence": SENTENCES[:3]}),  # else the first column
-        pd.Series(SENTENCES[:3]),
-        tuple(SENTENCES[:3]),
+        pd.DataFrame({"id": [1, 2, 3], "text": texts}),  # the `text` column
+        pd.DataFrame({"sentence": texts}),  # else the first column
+        pd.DataFrame({0: texts}),  # what MLflow makes of a list for the unnamed signature
+        pd.Series(texts),
+        tuple(texts),
     ):
         pd.testing.assert_frame_equal(model.predict(None, given), expected)
-    pd.testing.assert_frame_equal(model.predict(None, SENTENCES[0]), expected.iloc[:1])
+    pd.testing.assert_frame_equal(model.predict(None, texts[0]), expected.iloc[:1])
 
 
-def test_empty_text_is_the_eos_token_alone(model):
+def test_an_empty_text_has_no_words_and_only_the_eos_term(model, tiny_hub):
+    hub_scores = tiny_hub.score("")["positional_scores"]
+    assert hub_scores.numel() == 0  # what fairseq gives: nothing
     row = model.predict(None, [""]).iloc[0]
-    assert row.tokens == 1
-    assert row.log_prob < 0
-    assert row.perplexity == pytest.approx(math.exp(-row.log_prob))
+    assert row.tokens == 0 and row.log_prob == 0.0
+    assert math.isnan(row.perplexity)
+    assert row.eos_log_prob < 0  # log p(</s> | nothing): an empty line's probability
 
 
 def test_no_texts_give_an_empty_frame(model):
@@ -192,10 +137,10 @@ def test_no_texts_give_an_empty_frame(model):
 
 def test_a_text_longer_than_the_model_is_a_one_line_error(model):
     with pytest.raises(LmforgeError) as err:
-        model.predict(None, ["short", " ".join(["word"] * 100)])
+        model.predict(None, ["short", " ".join(["word"] * 64)])
     message = str(err.value)
     assert "\n" not in message
-    assert "text #1 has 101 tokens" in message and "at most 64" in message
+    assert "text #1 has 64 tokens" in message and "at most 63" in message
 
 
 def test_a_non_string_is_a_one_line_error(model):
@@ -203,12 +148,39 @@ def test_a_non_string_is_a_one_line_error(model):
         model.predict(None, pd.DataFrame({"text": ["fine", None]}))
 
 
-def test_signature_is_a_text_column_in_and_three_columns_out():
+def test_signature_is_one_unnamed_string_column_in_and_four_columns_out():
     sig = model_signature()
-    assert sig.inputs.input_names() == ["text"]
+    # Unnamed: MLflow then accepts a plain list of str as well as a DataFrame.
+    assert not sig.inputs.has_input_names() and len(sig.inputs.inputs) == 1
     assert [c.type.name for c in sig.inputs.inputs] == ["string"]
     assert sig.outputs.input_names() == list(COLUMNS)
-    assert [c.type.name for c in sig.outputs.inputs] == ["double", "long", "double"]
+    assert [c.type.name for c in sig.outputs.inputs] == ["double", "long", "double", "double"]
+
+
+@pytest.mark.slow
+def test_a_saved_model_takes_a_list_and_a_dataframe(model, tiny_lm, tiny_hub, reference_scores, scored_texts, tmp_path):
+    """mlflow.pyfunc.save_model + load_model: the signature is enforced on both input forms."""
+    import mlflow
+
+    path = tmp_path / "model"
+    mlflow.pyfunc.save_model(
+        path,
+        python_model=FairseqLanguageModel(),
+        artifacts={"checkpoint": str(tiny_lm.checkpoint), "dict": str(tiny_lm.dict_path)},
+        signature=model_signature(),
+        input_example=input_example(),
+        pip_requirements=["mlflow"],  # not inferred: that would load the model once more
+    )
+    loaded = mlflow.pyfunc.load_model(str(path))
+    from_list = loaded.predict(scored_texts)
+    assert_scores_like_the_hub(from_list, scored_texts, tiny_hub, reference_scores)
+    for frame in (
+        pd.DataFrame({"text": scored_texts}),
+        pd.DataFrame({"text": scored_texts, "id": range(len(scored_texts))}),
+        pd.Series(scored_texts),
+    ):
+        pd.testing.assert_frame_equal(loaded.predict(frame), from_list)
+    pd.testing.assert_frame_equal(loaded.predict(scored_texts[0]), from_list.iloc[:1])
 
 
 def test_importing_the_module_loads_neither_torch_nor_fairseq():

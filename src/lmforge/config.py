@@ -13,6 +13,7 @@ Every field carries its documentation in `metadata["doc"]` (shown by
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -173,8 +174,29 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+@dataclass(frozen=True)
+class _CommandLineScalar:
+    """A `--set` value read as YAML, with its text kept: `corpus.sha256=0123...` is a str field
+    whose digits YAML would otherwise turn into an int (and lose the leading zero)."""
+
+    text: str
+    parsed: Any
+
+
+def _plain(value: Any) -> Any:
+    """Free-form values (model.options, train.extra_args) keep YAML's reading of --set values."""
+    if isinstance(value, _CommandLineScalar):
+        return value.parsed
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
 def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     """Coerce `value` to `tp` where the coercion is lossless (int -> float), else record a problem."""
+    if isinstance(value, _CommandLineScalar):
+        wants_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+        value = value.text if wants_str and value.parsed is not None else value.parsed
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -191,9 +213,9 @@ def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
             return {}
-        return dict(value)
+        return {key: _plain(item) for key, item in value.items()}
     if tp is Any:
-        return value
+        return _plain(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -237,11 +259,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, (int, float, bool)):
+        value = _CommandLineScalar(raw.strip(), value)
     return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
         node = data

@@ -132,8 +132,9 @@ def register_model(
 
     description = (
         f"fairseq {arch} language model from MLflow run {run_id}; "
-        "predict() takes texts (column 'text') and returns log_prob (natural log, eos included), "
-        "tokens and perplexity."
+        "predict() takes texts (a list of str, or a DataFrame with the texts in its first column) "
+        "and returns log_prob (natural log of the words, as fairseq's hub score() sums it), "
+        "tokens (words scored), perplexity and eos_log_prob (log p(</s> | text))."
     )
     client.update_model_version(model_name, version, description=description)
     client.set_registered_model_alias(model_name, alias, version)

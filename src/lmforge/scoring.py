@@ -3,27 +3,41 @@
 In:  two MLflow artifacts, ``checkpoint`` (a fairseq language-model checkpoint, .pt) and
      ``dict`` (the ``dict.txt`` it was trained with), and texts to score: a list of str, a
      pandas Series, or a DataFrame with a ``text`` column (else its first column).
-Out: a DataFrame with one row per text: ``log_prob`` (natural-log probability of the whole
-     text, end-of-sentence token included), ``tokens`` (scored tokens, eos included) and
-     ``perplexity`` (``exp(-log_prob / tokens)``).
+Out: a DataFrame with one row per text:
+
+     - ``log_prob``: natural-log probability of the text's words, ``log p(w1..wn)``: exactly
+       what fairseq's hub interface gives,
+       ``TransformerLanguageModel.from_pretrained(...).score(text)["positional_scores"].sum()``
+       (0.0 for an empty text);
+     - ``tokens``: the number of words scored (the hub's ``positional_scores.numel()``);
+     - ``perplexity``: ``exp(-log_prob / tokens)``, NaN for an empty text (no words);
+     - ``eos_log_prob``: ``log p(</s> | w1..wn)``, the end-of-sentence token after the text.
+       A whole-sentence probability, as fairseq-train and fairseq-eval-lm
+       (``--sample-break-mode eos``) count a line, is ``log_prob + eos_log_prob`` over
+       ``tokens + 1`` tokens.
 
 `lmforge register ...` (see `lmforge.register`) logs and registers it; anyone then loads it
-by name, in any process where lmforge is installed:
+by name, in any process where lmforge is installed, and passes a plain list of texts or a
+DataFrame whose (first) column holds them:
 
     model = mlflow.pyfunc.load_model("models:/lmforge-lm@champion")
     model.predict(["the cat sat on the mat"])
+    model.predict(pd.DataFrame({"text": ["the cat sat on the mat"]}))
+
+The signature's input is one unnamed string column, which is what lets MLflow accept both
+forms: it turns a list into a one-column frame and checks a frame's first column. (A named
+``text`` column would reject the plain list.) So a frame passed to a loaded model must have
+its texts first; called directly (`from_files`), `predict` also finds a ``text`` column
+elsewhere.
 
 Texts are split on whitespace, as fairseq's dictionary expects (this version has no BPE);
 words missing from ``dict.txt`` score as ``<unk>``.
 
-Why not ``hub.score()``: fairseq's hub interface strips the end-of-sentence token from the
-scored target, so it gives ``log p(w1..wn)`` without ``log p(</s> | w1..wn)`` and nothing at
-all for an empty text. The model is loaded through fairseq's hub utilities exactly as
+The model is loaded through fairseq's hub utilities exactly as
 ``TransformerLanguageModel.from_pretrained`` does, and batches are scored with fairseq's own
-``SequenceScorer``; only the target differs: ``[w1..wn, </s>]``, conditioned on a leading
-``</s>`` (``<s>`` for ``--add-bos-token`` models), which is how fairseq-train and
-fairseq-eval-lm (``--sample-break-mode eos``) see a line. So ``log_prob`` equals the hub's
-``positional_scores.sum()`` plus the eos term, and per-line it matches eval-lm's token counts.
+``SequenceScorer`` on the hub's input, ``[</s>, w1..wn]`` (``<s>`` first for
+``--add-bos-token`` models). The target is ``[w1..wn, </s>]``, where the hub pads the last
+position away: one forward pass gives the hub's word scores and the eos term together.
 
 fairseq and torch are imported inside the methods: importing this module stays cheap.
 """
@@ -42,7 +56,7 @@ import pandas as pd  # already loaded by mlflow.pyfunc; needed at import for the
 from lmforge.errors import LmforgeError
 
 #: Output columns, in order.
-COLUMNS = ("log_prob", "tokens", "perplexity")
+COLUMNS = ("log_prob", "tokens", "perplexity", "eos_log_prob")
 
 #: Padded tokens per forward pass. 4096 fp32 positions x a 50k vocabulary is ~800 MB of
 #: log-probabilities at most, the same order as fairseq-eval-lm's usual --max-tokens.
@@ -53,25 +67,30 @@ EXAMPLE_TEXTS = ("the cat sat on the mat", "")
 
 
 def model_signature():
-    """The pyfunc signature: a string column ``text`` in; log_prob, tokens, perplexity out."""
+    """The pyfunc signature: one unnamed string column in; the `COLUMNS` out.
+
+    Unnamed, so that a loaded model takes a plain list of str as well as a DataFrame (see
+    the module docstring).
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.string, "text")]),
+        inputs=Schema([ColSpec(DataType.string)]),
         outputs=Schema(
             [
                 ColSpec(DataType.double, "log_prob"),
                 ColSpec(DataType.long, "tokens"),
                 ColSpec(DataType.double, "perplexity"),
+                ColSpec(DataType.double, "eos_log_prob"),
             ]
         ),
     )
 
 
-def input_example():
-    """A small DataFrame matching `model_signature`'s input."""
-    return pd.DataFrame({"text": list(EXAMPLE_TEXTS)})
+def input_example() -> list[str]:
+    """The example stored with the model: a plain list of texts, the simplest input."""
+    return list(EXAMPLE_TEXTS)
 
 
 def as_texts(model_input: Any) -> list[str]:
@@ -147,27 +166,40 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
     # The pd.DataFrame hint tells MLflow to hand over the schema-checked frame as is (it also
     # accepts a list of str or a Series when called directly); without a hint MLflow warns.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """Score texts; returns a DataFrame with columns log_prob, tokens, perplexity."""
+        """Score texts; returns a DataFrame with the `COLUMNS` (see the module docstring)."""
         import numpy as np
 
         if self._hub is None:
             raise RuntimeError("FairseqLanguageModel used before load_context/from_files")
-        texts = as_texts(model_input)
-        log_probs = self.score_texts(texts)
-        tokens = np.array([n for _, n in log_probs], dtype=np.int64)
-        lp = np.array([s for s, _ in log_probs], dtype=np.float64)
-        with np.errstate(over="ignore"):  # a hopeless text has perplexity inf, not an error
-            ppl = np.exp(-lp / np.maximum(tokens, 1))
-        return pd.DataFrame({"log_prob": lp, "tokens": tokens, "perplexity": ppl}, columns=list(COLUMNS))
+        scores = self.score_texts(as_texts(model_input))
+        lp = np.array([s[0] for s in scores], dtype=np.float64)
+        tokens = np.array([s[1] for s in scores], dtype=np.int64)
+        eos = np.array([s[2] for s in scores], dtype=np.float64)
+        # An empty text has no words: perplexity NaN (0/0). A hopeless text has perplexity inf.
+        with np.errstate(over="ignore"):
+            ppl = np.where(tokens > 0, np.exp(-lp / np.maximum(tokens, 1)), np.nan)
+        return pd.DataFrame(
+            {"log_prob": lp, "tokens": tokens, "perplexity": ppl, "eos_log_prob": eos}, columns=list(COLUMNS)
+        )
 
     def encode(self, text: str):
         """Token ids scored for `text`: its words, then eos (what fairseq-preprocess writes)."""
         # hub.encode is tokenize -> apply_bpe -> dictionary.encode_line (append_eos=True),
         # so a checkpoint configured with a tokenizer or BPE would be encoded the fairseq way.
-        return self._hub.encode(text)
+        ids = self._hub.encode(text)
+        # The hub scores its encoding with eos stripped from both ends (StripTokenDataset):
+        # a literal "</s>" word at either end is no word to it either.
+        eos = self._hub.task.source_dictionary.eos()
+        end = ids.numel()
+        while end > 0 and ids[end - 1] == eos:
+            end -= 1
+        start = 0
+        while start < end and ids[start] == eos:
+            start += 1
+        return _append(ids[start:end], eos)
 
-    def score_texts(self, texts: list[str]) -> list[tuple[float, int]]:
-        """(natural-log probability incl. eos, scored tokens incl. eos) for each text, in order."""
+    def score_texts(self, texts: list[str]) -> list[tuple[float, int, float]]:
+        """For each text, in order: (log p(words), number of words, log p(eos | words))."""
         import torch
         from fairseq.data import data_utils
         from fairseq.sequence_scorer import SequenceScorer
@@ -175,21 +207,23 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
         hub = self._hub
         dictionary = hub.task.source_dictionary
         pad = dictionary.pad()
-        # The first token is predicted from </s> (or <s> with --add-bos-token), as in training.
+        # The first word is predicted from </s> (or <s> with --add-bos-token), as in training.
         add_bos = bool(getattr(getattr(hub.task, "args", None), "add_bos_token", False))
         start = dictionary.bos() if add_bos else dictionary.eos()
         limit = _max_positions(hub.max_positions)
 
-        targets = [self.encode(text) for text in texts]
+        targets = [self.encode(text) for text in texts]  # words, then eos
         for i, target in enumerate(targets):
+            # The input is the start token and the words: one position per word, plus one.
             if limit is not None and target.numel() > limit:
                 raise LmforgeError(
-                    f"text #{i} has {target.numel()} tokens (eos included); this model scores at "
-                    f"most {limit} per text (its max positions): split the text"
+                    f"text #{i} has {target.numel() - 1} tokens; this model scores at most "
+                    f"{limit - 1} per text (its max positions, {limit}, less the start token): "
+                    "split the text"
                 )
 
         scorer = SequenceScorer(hub.task.target_dictionary)
-        results: list[tuple[float, int] | None] = [None] * len(texts)
+        results: list[tuple[float, int, float] | None] = [None] * len(texts)
         # Longest first, so each batch pads little and the first one shows the memory peak.
         order = sorted(range(len(texts)), key=lambda i: -targets[i].numel())
         for batch in _batches(order, [t.numel() for t in targets], MAX_BATCH_TOKENS):
@@ -207,7 +241,9 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
             hypos = scorer.generate(hub.models, sample)
             for i, hypo in zip(batch, hypos):
                 positional = hypo[0]["positional_scores"]
-                results[i] = (float(positional.sum()), int(positional.numel()))
+                words = positional[:-1]  # the last position is eos, which the hub does not score
+                # .sum() of an empty tensor is 0.0, as the hub gives for an empty text.
+                results[i] = (float(words.sum()), int(words.numel()), float(positional[-1]))
         return results  # type: ignore[return-value]
 
 
@@ -231,6 +267,12 @@ def _import_fairseq_hub_utils():
                 root.removeHandler(handler)
         root.setLevel(level)
     return hub_utils
+
+
+def _append(ids, token: int):
+    import torch
+
+    return torch.cat([ids, ids.new_tensor([token])])
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

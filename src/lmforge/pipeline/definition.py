@@ -23,9 +23,9 @@ def lmforge_pipeline(config_json: str = DEFAULT_CONFIG_JSON) -> NamedTuple(
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-    # 1. Download and verify the corpus.
+    # 1. Download and verify the corpus. No task-level retry: the step retries transient
+    #    network errors itself, and a wrong pin or a missing file will not heal on a retry.
     download = c.download(config_json=config_json, pipeline_run_id=run_id).set_display_name("download")
-    download.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
 
     # 2. Dictionary and binarized splits.
     preprocess = c.preprocess(
