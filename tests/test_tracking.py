@@ -46,3 +46,15 @@ def test_pipeline_run_is_found_again_and_handler_logs(tmp_path):
         logger.removeHandler(handler)
     history = client.get_metric_history(first, "valid_loss")
     assert [(m.step, m.value) for m in history] == [(20, 7.5)]
+
+
+def test_corpus_splits_become_dataset_inputs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.pipeline_run(uri, "exp", "kfp-run-1", storage_root=tmp_path)
+    manifest = {"splits": {s: {"sha256": f"{i}" * 64} for i, s in enumerate(("train", "valid", "test"))}}
+    with tracking.active_run(uri, run_id):
+        tracking.log_corpus_inputs(str(tmp_path), manifest, "tiny")
+    inputs = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
+    assert {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in inputs} == {
+        ("tiny-train", "0" * 36, "train"), ("tiny-valid", "1" * 36, "valid"), ("tiny-test", "2" * 36, "test"),
+    }

@@ -110,6 +110,7 @@ def download(config_json: str, pipeline_run_id: str) -> DownloadOutputs:
             "lmforge.corpus_sha256": manifest["sha256"],
         })
         mlflow.log_dict(manifest, "corpus/manifest.json")
+        tracking.log_corpus_inputs(cfg.corpus.source, manifest, cfg.name)
         log.info("corpus in %s (sha256 %s), MLflow run %s", out, manifest["sha256"], run.info.run_id)
     return DownloadOutputs(str(out), manifest["sha256"])
 

@@ -141,3 +141,16 @@ class FairseqMetricsHandler(logging.Handler):
                 self.client.log_metric(self.run_id, name, value, step=step)
         except Exception:  # tracking must never kill a training job
             log.warning("could not log metrics to MLflow", exc_info=True)
+
+
+def log_corpus_inputs(source: str, manifest: dict[str, Any], name: str) -> None:
+    """Each split as an MLflow dataset input of the active run (Inputs tab), digest = its sha256."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset_source = resolve_dataset_source(source if "://" in source else Path(source).resolve().as_uri())
+    for split, info in manifest["splits"].items():
+        # MLflow stores at most 36 characters of digest; the full sha256 is in the manifest artifact.
+        dataset = MetaDataset(dataset_source, name=f"{name}-{split}", digest=info["sha256"][:36])
+        mlflow.log_input(dataset, context=split)
