@@ -72,7 +72,7 @@ def step(name: str) -> Callable[[F], F]:
             try:
                 return fn(*args, **kwargs)
             except LmforgeError as exc:
-                message = f"lmforge {name}: {exc}"
+                message = f"{name} step: {exc}"
                 log.error(message)
                 error_file = os.environ.get(ERROR_FILE_ENV)
                 if error_file:

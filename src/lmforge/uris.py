@@ -11,13 +11,43 @@ Used by every step; `lmforge download --source URI --out DIR` is the first.
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from lmforge.errors import LmforgeError
 
 LOCAL, HTTP, S3 = "local", "http", "s3"
+
+# Query parameters that carry credentials: presigned S3/GCS URLs, SAS tokens,
+# OAuth tokens. Their values never reach a log line, an error or a manifest.
+_SECRET_PARAM = re.compile(
+    r"^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|sig|signature"
+    r"|token|access_token|api_key|apikey|key)$",
+    re.IGNORECASE,
+)
+
+
+def redact(uri: str) -> str:
+    """`uri` safe to print: a password in `user:pass@host` and secret query values become `***`.
+
+    Anything that is not an http(s) URL is returned unchanged (paths, s3:// URIs
+    hold no secrets).
+    """
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https"):
+        return uri
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = "&".join(
+        f"{k}=***" if _SECRET_PARAM.match(unquote(k)) and sep else f"{k}{sep}{v}"
+        for k, sep, v in (item.partition("=") for item in parts.query.split("&") if item)
+    ) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(frozen=True)
@@ -33,6 +63,11 @@ class Location:
     @property
     def is_remote(self) -> bool:
         return self.kind != LOCAL
+
+    @property
+    def display(self) -> str:
+        """The URI as messages show it: credentials redacted (see `redact`)."""
+        return redact(self.uri) if self.kind == HTTP else self.uri
 
     @property
     def name(self) -> str:

@@ -36,7 +36,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         previous = os.environ.get(steps.ERROR_FILE_ENV)
         os.environ[steps.ERROR_FILE_ENV] = str(error_file)
         try:
-            outputs = lmforge_pipeline(config_json=cfg.to_json())
+            outputs = lmforge_pipeline(config_json=cfg.to_json()).outputs
         except RuntimeError as exc:
             if error_file.is_file():
                 raise LmforgeError(error_file.read_text().strip()) from None
@@ -46,12 +46,10 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
                 os.environ.pop(steps.ERROR_FILE_ENV, None)
             else:
                 os.environ[steps.ERROR_FILE_ENV] = previous
-    model_uri = outputs.outputs["model_uri"] if hasattr(outputs, "outputs") else outputs["model_uri"]
-    values = outputs.outputs if hasattr(outputs, "outputs") else outputs
-    mlflow_run_id = values["mlflow_run_id"]
+    mlflow_run_id = outputs["mlflow_run_id"]
     return {
-        "model_uri": model_uri,
-        "perplexity": float(values["perplexity"]),
+        "model_uri": outputs["model_uri"],
+        "perplexity": float(outputs["perplexity"]),
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": steps.tracking_uri(cfg),
         "run_dir": str(_run_dir_of(cfg, mlflow_run_id)),
