@@ -94,3 +94,18 @@ def test_config_docs_lists_every_section():
     for section in ("corpus.source", "preprocess.threshold", "model.arch", "train.nproc", "evaluate.context_window",
                     "registry.model_name", "tracking.uri", "storage.root"):
         assert section in result.stdout
+
+
+def test_default_config_offline_names_the_unreachable_source(tmp_path):
+    """The default config downloads WikiText-2; without internet (as here and in CI) it must
+    fail in one line that says so and how to use a local corpus instead."""
+    result = lmforge("run", "--set", f"storage.root={tmp_path}", timeout=600)
+    assert_one_line_error(result, 1, "could not reach wikitext-2", "--corpus DIR")
+    assert_nothing_registered(tmp_path)
+
+
+def test_corpora_lists_the_catalog():
+    result = lmforge("corpora")
+    assert result.returncode == 0
+    for name in ("wikitext-2", "wikitext-2-raw", "wikitext-103", "wikitext-103-raw"):
+        assert name in result.stdout

@@ -65,8 +65,10 @@ def load_config(args: argparse.Namespace, *, corpus: str | None = None) -> RunCo
 
 def resolve_local_paths(cfg: RunConfig) -> RunConfig:
     """Absolute paths for the local parts of the config: steps run in other processes and directories."""
+    from lmforge import catalog
+
     corpus = cfg.corpus
-    if "://" not in corpus.source:
+    if "://" not in corpus.source and catalog.lookup(corpus.source) is None:
         source = Path(corpus.source).expanduser()
         if not source.exists():
             raise LmforgeError(
@@ -118,10 +120,19 @@ def cmd_compile(args: argparse.Namespace) -> None:
         print(path)
 
 
+def cmd_corpora(args: argparse.Namespace) -> None:
+    from lmforge.catalog import format_catalog, list_corpora
+
+    print(format_catalog(list_corpora()))
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     from lmforge.download import download_corpus
 
-    manifest = download_corpus(args.source, args.out, sha256=args.sha256, size=args.size, cache_dir=args.cache_dir)
+    manifest = download_corpus(
+        args.source, args.out, sha256=args.sha256, size=args.size, cache_dir=args.cache_dir,
+        endpoint_url=args.endpoint_url,
+    )
     print(json.dumps(manifest, indent=2))
 
 
@@ -207,8 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=".", help="repository root to write pipelines/ and components/ into")
     p.set_defaults(func=cmd_compile)
 
+    p = sub.add_parser("corpora", help="list the named corpora a config's corpus.source accepts")
+    p.set_defaults(func=cmd_corpora)
+
     p = sub.add_parser("download", help="fetch and verify a corpus into a directory")
-    p.add_argument("--source", required=True, help="directory, file, file://, http(s):// URL")
+    p.add_argument(
+        "--source", required=True,
+        help="catalog name (see `lmforge corpora`), directory, file, file://, http(s):// or s3:// URI",
+    )
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--out", required=True, help="output corpus directory")
     p.add_argument("--sha256", help="pinned sha256 of the downloaded file")
     p.add_argument("--size", type=int, help="pinned size in bytes")
