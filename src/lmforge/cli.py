@@ -78,10 +78,7 @@ def resolve_local_paths(cfg: RunConfig) -> RunConfig:
         corpus = config_mod.CorpusConfig(
             source=str(source.resolve()), sha256=corpus.sha256, size=corpus.size, members=corpus.members
         )
-    storage = cfg.storage
-    if "://" not in storage.root:
-        storage = config_mod.StorageConfig(root=str(Path(storage.root).expanduser().resolve()))
-    return cfg.replace(corpus=corpus, storage=storage)
+    return resolve_storage(cfg.replace(corpus=corpus))
 
 
 def check_against_fairseq(cfg: RunConfig) -> None:
@@ -182,9 +179,10 @@ def cmd_register(args: argparse.Namespace) -> None:
 
 
 def resolve_storage(cfg: RunConfig) -> RunConfig:
+    """An absolute storage.root: steps run in other processes and directories."""
     if "://" in cfg.storage.root:
         return cfg
-    return cfg.replace(storage=config_mod.StorageConfig(root=str(Path(cfg.storage.root).resolve())))
+    return cfg.replace(storage=config_mod.StorageConfig(root=str(Path(cfg.storage.root).expanduser().resolve())))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
