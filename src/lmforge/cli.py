@@ -13,6 +13,7 @@ A user's mistake prints one line (`lmforge: error: ...`) and exits non-zero:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -182,7 +183,8 @@ def resolve_storage(cfg: RunConfig) -> RunConfig:
     """An absolute storage.root: steps run in other processes and directories."""
     if "://" in cfg.storage.root:
         return cfg
-    return cfg.replace(storage=config_mod.StorageConfig(root=str(Path(cfg.storage.root).expanduser().resolve())))
+    root = str(Path(cfg.storage.root).expanduser().resolve())
+    return cfg.replace(storage=dataclasses.replace(cfg.storage, root=root))
 
 
 def cmd_config(args: argparse.Namespace) -> None:

@@ -136,7 +136,30 @@ class TrackingConfig:
 class StorageConfig:
     """Where run outputs land."""
 
-    root: str = doc("Root for every run's outputs (local path, relative to the current directory).", "runs")
+    root: str = doc(
+        "Root for every run's outputs: a local path (relative to the current directory) or "
+        "s3://bucket/prefix (the cluster default; endpoint from s3_endpoint or AWS_ENDPOINT_URL).",
+        "runs",
+    )
+    s3_endpoint: str = doc("S3 endpoint URL (MinIO in a stock Kubeflow); empty: AWS_ENDPOINT_URL or AWS itself.", "")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Kubernetes settings for the compiled pipeline's pods and the training job (`lmforge run` ignores them)."""
+
+    namespace: str = doc("Namespace of the Kubeflow profile the pipeline runs in; PyTorchJobs are created there.", "kubeflow")
+    service_account: str = doc("Service account of the step pods and training pods (k8s/rbac.yaml).", "lmforge-pipeline-runner")
+    s3_secret: str = doc(
+        "Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional AWS_ENDPOINT_URL) become "
+        "environment variables of every pod that touches S3; empty: none.",
+        "lmforge-s3",
+    )
+    mlflow_secret: str = doc(
+        "Secret whose keys (MLFLOW_TRACKING_URI, optional MLFLOW_TRACKING_USERNAME/PASSWORD) become "
+        "environment variables of every pod that logs to MLflow; empty: none.",
+        "lmforge-mlflow",
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,7 @@ class RunConfig:
     registry: RegistryConfig = doc("Model registry.", factory=RegistryConfig)
     tracking: TrackingConfig = doc("Tracking.", factory=TrackingConfig)
     storage: StorageConfig = doc("Storage.", factory=StorageConfig)
+    cluster: ClusterConfig = doc("Kubernetes.", factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,6 +213,8 @@ def _plain(value: Any) -> Any:
         return value.parsed
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
     return value
 
 
@@ -214,6 +240,11 @@ def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
             return {}
         return {key: _plain(item) for key, item in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {type(value).__name__}")
+            return []
+        return [_plain(item) for item in value]
     if tp is Any:
         return _plain(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -383,7 +414,11 @@ def validate(cfg: RunConfig) -> list[str]:
     if not cfg.tracking.experiment:
         p.append("tracking.experiment: empty; name an MLflow experiment")
     if not cfg.storage.root:
-        p.append("storage.root: empty; name a directory for run outputs")
+        p.append("storage.root: empty; name a directory or s3://bucket/prefix for run outputs")
+    elif "://" in cfg.storage.root and not cfg.storage.root.startswith(("s3://", "file://")):
+        p.append(f"storage.root: {cfg.storage.root!r} (use a local path, file:// or s3://bucket/prefix)")
+    if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", cfg.cluster.namespace):
+        p.append(f"cluster.namespace: {cfg.cluster.namespace!r} is not a Kubernetes namespace name")
     return p
 
 
