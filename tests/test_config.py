@@ -94,3 +94,16 @@ def test_digit_only_override_of_a_string_field_keeps_its_text():
     assert cfg.corpus.sha256 == digest
     assert cfg.registry.model_name == "2024"
     assert cfg.train.extra_args["max_tokens_valid"] == 512
+
+
+def test_stage_json_depends_only_on_its_sections():
+    base = config.load(config.shipped_config_path("tiny"))
+    longer = config.load(config.shipped_config_path("tiny"), ["train.max_epoch=9"])
+    other_vocab = config.load(config.shipped_config_path("tiny"), ["preprocess.nwords=100"])
+    assert config.stage_json(base, "preprocess") == config.stage_json(longer, "preprocess")
+    assert config.stage_json(base, "download") == config.stage_json(other_vocab, "download")
+    assert config.stage_json(base, "preprocess") != config.stage_json(other_vocab, "preprocess")
+    assert config.from_stage_json(config.stage_json(base, "preprocess")).preprocess == base.preprocess
+    with pytest.raises(ConfigError, match="preprocess.workers"):
+        config.from_stage_json('{"preprocess": {"workers": 0}, "storage": {"root": "runs"}}')
+    assert config.content_key("a", "bc") != config.content_key("ab", "c")

@@ -347,6 +347,43 @@ def from_json(text: str) -> RunConfig:
     return from_dict(json.loads(text))
 
 
+# The config sections each data stage depends on. A data stage's task takes only
+# these (as `stage_json`), never the pipeline run id, so KFP's cache, which keys
+# on a task's inputs, hits exactly when the content and that stage's settings
+# are unchanged: training longer does not re-run preprocessing.
+STAGE_SECTIONS = {
+    "download": ("corpus", "storage"),
+    "preprocess": ("preprocess", "storage"),
+}
+
+
+def stage_json(cfg: RunConfig, stage: str) -> str:
+    """Canonical JSON of the sections `stage` depends on; `from_json` reads it back (the rest default)."""
+    data = cfg.to_dict()
+    return json.dumps({section: data[section] for section in STAGE_SECTIONS[stage]}, sort_keys=True)
+
+
+def from_stage_json(text: str) -> RunConfig:
+    """A config from `stage_json` output: its sections as given and validated, the others default."""
+    data = json.loads(text)
+    problems: list[str] = []
+    cfg = _build(RunConfig, data, "", problems)
+    if not problems:
+        problems.extend(p for p in validate(cfg) if p.split(".", 1)[0].split(":", 1)[0] in data)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def content_key(*parts: str) -> str:
+    """A short digest naming a data stage's output directory: the same inputs, the same place."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- validation
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

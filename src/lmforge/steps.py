@@ -33,6 +33,12 @@ ERROR_FILE_ENV = "LMFORGE_ERROR_FILE"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class ConfigureOutputs(NamedTuple):
+    config_json: str
+    download_json: str
+    preprocess_json: str
+
+
 class DownloadOutputs(NamedTuple):
     corpus_dir: str
     corpus_sha256: str
@@ -56,6 +62,11 @@ class RegisterOutputs(NamedTuple):
 
 def run_dir(cfg: RunConfig, pipeline_run_id: str) -> Path:
     return Path(cfg.storage.root) / cfg.name / pipeline_run_id
+
+
+def data_dir(cfg: RunConfig, kind: str, key: str) -> Path:
+    """Where a data stage's output lives: named by content, shared by every run that needs it."""
+    return Path(cfg.storage.root) / "data" / kind / key
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -91,59 +102,77 @@ def _mlflow_run(cfg: RunConfig, pipeline_run_id: str) -> str:
     )
 
 
+@step("configure")
+def configure(config_json: str) -> ConfigureOutputs:
+    """Validate the run config once, up front, and cut out what each data stage depends on."""
+    cfg = config_mod.from_json(config_json)
+    return ConfigureOutputs(
+        cfg.to_json(), config_mod.stage_json(cfg, "download"), config_mod.stage_json(cfg, "preprocess")
+    )
+
+
 @step("download")
-def download(config_json: str, pipeline_run_id: str) -> DownloadOutputs:
+def download(download_json: str) -> DownloadOutputs:
+    """Cached by KFP on `download_json` (corpus and storage settings); logs nothing to MLflow for that
+    reason: the train step records the corpus in the pipeline run's MLflow run."""
     from lmforge.download import download_corpus
 
-    cfg = config_mod.from_json(config_json)
-    out = run_dir(cfg, pipeline_run_id) / "corpus"
+    cfg = config_mod.from_stage_json(download_json)
+    out = data_dir(cfg, "corpus", config_mod.content_key(download_json))
     manifest = download_corpus(
         cfg.corpus.source, out, sha256=cfg.corpus.sha256, size=cfg.corpus.size,
         members=dict(cfg.corpus.members), cache_dir=Path(cfg.storage.root) / "cache",
     )
-    with tracking.active_run(tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)) as run:
-        import mlflow
-
-        tracking.log_params_flat(cfg.to_dict())
-        mlflow.set_tags({
-            "lmforge.version": __version__, "lmforge.config_hash": cfg.config_hash(),
-            "lmforge.corpus_sha256": manifest["sha256"],
-        })
-        mlflow.log_dict(manifest, "corpus/manifest.json")
-        tracking.log_corpus_inputs(cfg.corpus.source, manifest, cfg.name)
-        log.info("corpus in %s (sha256 %s), MLflow run %s", out, manifest["sha256"], run.info.run_id)
+    log.info("corpus in %s (sha256 %s)", out, manifest["sha256"])
     return DownloadOutputs(str(out), manifest["sha256"])
 
 
-@step("preprocess")
-def preprocess(config_json: str, pipeline_run_id: str, corpus_dir: str) -> PreprocessOutputs:
-    from lmforge.preprocess import preprocess as build
+def log_run_inputs(cfg: RunConfig, corpus_dir: str, data_bin: str) -> None:
+    """Record the run's config, corpus and data-bin in the active MLflow run (the data stages are cached)."""
+    import mlflow
 
-    cfg = config_mod.from_json(config_json)
-    out = run_dir(cfg, pipeline_run_id) / "data-bin"
-    p = cfg.preprocess
-    summary = build(
-        corpus_dir, out, threshold=p.threshold, nwords=p.nwords, padding_factor=p.padding_factor, workers=p.workers
-    )
-    with tracking.active_run(tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)):
-        import mlflow
-
+    tracking.log_params_flat(cfg.to_dict())
+    manifest = json.loads((Path(corpus_dir) / "manifest.json").read_text())
+    mlflow.set_tags({
+        "lmforge.version": __version__, "lmforge.config_hash": cfg.config_hash(),
+        "lmforge.corpus_sha256": manifest["sha256"],
+    })
+    mlflow.log_dict(manifest, "corpus/manifest.json")
+    tracking.log_corpus_inputs(cfg.corpus.source, manifest, cfg.name)
+    summary_file = Path(data_bin) / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
         mlflow.log_metric("vocab_size", summary["vocab_size"])
         for split, numbers in summary["splits"].items():
             mlflow.log_metrics({f"{split}_tokens": numbers["tokens"], f"{split}_sentences": numbers["sentences"]})
         mlflow.set_tag("lmforge.dict_sha256", summary["dict_sha256"])
-        mlflow.log_artifact(str(out / "dict.txt"), "data-bin")
+    mlflow.log_artifact(str(Path(data_bin) / "dict.txt"), "data-bin")
+
+
+@step("preprocess")
+def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> PreprocessOutputs:
+    """Cached by KFP on its inputs: the preprocess settings and the corpus (by digest)."""
+    from lmforge.preprocess import preprocess as build
+
+    cfg = config_mod.from_stage_json(preprocess_json)
+    out = data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256))
+    p = cfg.preprocess
+    summary = build(
+        corpus_dir, out, threshold=p.threshold, nwords=p.nwords, padding_factor=p.padding_factor, workers=p.workers
+    )
     return PreprocessOutputs(str(out), summary["dict_sha256"])
 
 
 @step("train")
-def train(config_json: str, pipeline_run_id: str, data_bin: str) -> str:
+def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str) -> str:
     """Returns the best checkpoint's path."""
     from lmforge.train import train as run_training
 
     cfg = config_mod.from_json(config_json)
     save_dir = run_dir(cfg, pipeline_run_id) / "checkpoints"
     uri, run_id = tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)
+    with tracking.active_run(uri, run_id):
+        log_run_inputs(cfg, corpus_dir, data_bin)
     summary = run_training(cfg, data_bin, save_dir, tracking_uri=uri, mlflow_run_id=run_id)
     with tracking.active_run(uri, run_id):
         import mlflow

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from kfp import components as kfp_components
 
+from lmforge.pipeline import components
 from lmforge.pipeline.compile import COMPONENTS_DIR, PIPELINE_FILE, compile_all
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def compiled(tmp_path_factory):
 
 def test_checked_in_yaml_is_up_to_date(compiled):
     out, paths = compiled
-    assert PIPELINE_FILE in paths and len(paths) == 6
+    assert PIPELINE_FILE in paths and len(paths) == 1 + len(components.ALL)
     for rel in paths:
         checked_in = REPO / rel
         assert checked_in.is_file(), f"{rel} is missing: run `lmforge compile`"
@@ -41,14 +42,26 @@ def test_pipeline_wires_every_step_in_order(compiled):
     out, _ = compiled
     spec = yaml.safe_load((out / PIPELINE_FILE).read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"download", "preprocess", "train", "evaluate", "register"}
-    assert tasks["preprocess"]["dependentTasks"] == ["download"]
-    assert tasks["train"]["dependentTasks"] == ["preprocess"]
-    assert set(tasks["register"]["dependentTasks"]) == {"download", "preprocess", "train", "evaluate"}
+    assert set(tasks) == {"configure", "download", "preprocess", "train", "evaluate", "register"}
+    assert tasks["download"]["dependentTasks"] == ["configure"]
+    assert set(tasks["preprocess"]["dependentTasks"]) == {"configure", "download"}
+    assert set(tasks["train"]["dependentTasks"]) == {"configure", "download", "preprocess"}
+    assert set(tasks["register"]["dependentTasks"]) == {"configure", "download", "preprocess", "train", "evaluate"}
     # training and registration must never be served from cache
     assert tasks["train"]["cachingOptions"] == {}
     assert tasks["register"]["cachingOptions"] == {}
     assert "config_json" in spec["root"]["inputDefinitions"]["parameters"]
+
+
+def test_data_stages_take_only_content_inputs(compiled):
+    """KFP's cache keys on a task's inputs: a data stage that took the pipeline run id or the whole
+    config would never hit, or would re-run when only the training length changed."""
+    out, _ = compiled
+    tasks = yaml.safe_load((out / PIPELINE_FILE).read_text())["root"]["dag"]["tasks"]
+    assert set(tasks["download"]["inputs"]["parameters"]) == {"download_json"}
+    assert set(tasks["preprocess"]["inputs"]["parameters"]) == {"preprocess_json", "corpus_dir", "corpus_sha256"}
+    for name in ("download", "preprocess"):
+        assert "cachingOptions" not in tasks[name] or tasks[name]["cachingOptions"].get("enableCache", True)
 
 
 def test_compiled_yaml_has_no_machine_paths(compiled):
@@ -58,9 +71,9 @@ def test_compiled_yaml_has_no_machine_paths(compiled):
         assert not re.search(r"/(work|root|home|tmp)/", text), f"{rel} embeds a path of this machine"
 
 
-@pytest.mark.parametrize("name", ["download", "preprocess", "train", "evaluate", "register"])
-def test_each_component_loads_on_its_own(compiled, name):
+@pytest.mark.parametrize("component", components.ALL, ids=lambda c: c.name)
+def test_each_component_loads_on_its_own(compiled, component):
     out, _ = compiled
-    component = kfp_components.load_component_from_file(str(out / COMPONENTS_DIR / f"{name}.yaml"))
-    assert component.name == name
-    assert "config_json" in component.component_spec.inputs
+    loaded = kfp_components.load_component_from_file(str(out / COMPONENTS_DIR / f"{component.name}.yaml"))
+    assert loaded.name == component.name
+    assert set(loaded.component_spec.inputs) == set(component.component_spec.inputs)

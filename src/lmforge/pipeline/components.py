@@ -15,31 +15,39 @@ from lmforge.pipeline.images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def download(config_json: str, pipeline_run_id: str) -> NamedTuple(
-    "DownloadOutputs", [("corpus_dir", str), ("corpus_sha256", str)]
+def configure(config_json: str) -> NamedTuple(
+    "ConfigureOutputs", [("config_json", str), ("download_json", str), ("preprocess_json", str)]
 ):
-    """Fetch and verify the corpus; output its directory and sha256."""
-    from lmforge.steps import download as step
+    """Validate the run config; output it and the slices the cached data stages depend on."""
+    from lmforge.steps import configure as step
 
-    return step(config_json, pipeline_run_id)
+    return step(config_json)
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def preprocess(config_json: str, pipeline_run_id: str, corpus_dir: str) -> NamedTuple(
+def download(download_json: str) -> NamedTuple("DownloadOutputs", [("corpus_dir", str), ("corpus_sha256", str)]):
+    """Fetch and verify the corpus; output its directory and sha256."""
+    from lmforge.steps import download as step
+
+    return step(download_json)
+
+
+@dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
+def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> NamedTuple(
     "PreprocessOutputs", [("data_bin", str), ("dict_sha256", str)]
 ):
     """Build dict.txt and the binarized splits (fairseq's formats)."""
     from lmforge.steps import preprocess as step
 
-    return step(config_json, pipeline_run_id, corpus_dir)
+    return step(preprocess_json, corpus_dir, corpus_sha256)
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def train(config_json: str, pipeline_run_id: str, data_bin: str) -> str:
+def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str) -> str:
     """Train with fairseq through the configured launcher; output the best checkpoint."""
     from lmforge.steps import train as step
 
-    return step(config_json, pipeline_run_id, data_bin)
+    return step(config_json, pipeline_run_id, corpus_dir, data_bin)
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
@@ -63,4 +71,4 @@ def register(
     return step(config_json, pipeline_run_id, data_bin, checkpoint, corpus_sha256, dict_sha256, perplexity)
 
 
-ALL = [download, preprocess, train, evaluate, register]
+ALL = [configure, download, preprocess, train, evaluate, register]

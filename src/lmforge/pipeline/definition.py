@@ -23,28 +23,37 @@ def lmforge_pipeline(config_json: str = DEFAULT_CONFIG_JSON) -> NamedTuple(
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-    # 1. Download and verify the corpus. No task-level retry: the step retries transient
-    #    network errors itself, and a wrong pin or a missing file will not heal on a retry.
-    download = c.download(config_json=config_json, pipeline_run_id=run_id).set_display_name("download")
+    # 1. Validate the config once; cut out the slices the cached data stages depend on.
+    configure = c.configure(config_json=config_json).set_display_name("configure").set_caching_options(False)
+    config = configure.outputs["config_json"]
 
-    # 2. Dictionary and binarized splits.
+    # 2. Download and verify the corpus. Cached on the corpus settings. No task-level retry: the
+    #    step retries transient network errors itself, and a wrong pin will not heal on a retry.
+    download = c.download(download_json=configure.outputs["download_json"]).set_display_name("download")
+
+    # 3. Dictionary and binarized splits, cached on the preprocess settings and the corpus digest.
     preprocess = c.preprocess(
-        config_json=config_json, pipeline_run_id=run_id, corpus_dir=download.outputs["corpus_dir"]
+        preprocess_json=configure.outputs["preprocess_json"], corpus_dir=download.outputs["corpus_dir"],
+        corpus_sha256=download.outputs["corpus_sha256"],
     ).set_display_name("preprocess")
     preprocess.set_cpu_request("2").set_memory_request("4G")
 
-    # 3. Training (never cached: a re-run means new weights are wanted).
-    train = c.train(config_json=config_json, pipeline_run_id=run_id, data_bin=preprocess.outputs["data_bin"])
+    # 4. Training (never cached: a re-run means new weights are wanted). It also records the
+    #    config, corpus and data-bin in the run's MLflow run, since the data stages may be cached.
+    train = c.train(
+        config_json=config, pipeline_run_id=run_id, corpus_dir=download.outputs["corpus_dir"],
+        data_bin=preprocess.outputs["data_bin"],
+    )
     train.set_display_name("train").set_caching_options(False)
 
-    # 4. Perplexity on the held-out split.
+    # 5. Perplexity on the held-out split.
     evaluate = c.evaluate(
-        config_json=config_json, pipeline_run_id=run_id, data_bin=preprocess.outputs["data_bin"], checkpoint=train.output
+        config_json=config, pipeline_run_id=run_id, data_bin=preprocess.outputs["data_bin"], checkpoint=train.output
     ).set_display_name("evaluate")
 
-    # 5. Registration in the MLflow model registry (never cached).
+    # 6. Registration in the MLflow model registry (never cached).
     register = c.register(
-        config_json=config_json, pipeline_run_id=run_id, data_bin=preprocess.outputs["data_bin"],
+        config_json=config, pipeline_run_id=run_id, data_bin=preprocess.outputs["data_bin"],
         checkpoint=train.output, corpus_sha256=download.outputs["corpus_sha256"],
         dict_sha256=preprocess.outputs["dict_sha256"], perplexity=evaluate.outputs["perplexity"],
     )
