@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import ConfigError
+from lmforge.pipeline.images import TRAINER_IMAGE
 
 SPLITS = ("train", "valid", "test")
 
@@ -72,6 +73,12 @@ class PreprocessConfig:
 class ModelConfig:
     """The fairseq architecture."""
 
+    preset: str = doc(
+        "Named model and training defaults (lmforge.presets): tiny (CPU), transformer_lm_gpt (GPT-2 small "
+        "shape), transformer_lm_wiki103 (adaptive input and softmax), lstm_lm (adaptive softmax). Fields "
+        "set in the config override the preset's; empty: none.",
+        "",
+    )
     arch: str = doc("fairseq architecture name, e.g. transformer_lm, transformer_lm_gpt2_small, lstm_lm.", "transformer_lm")
     criterion: str = doc("fairseq criterion: cross_entropy, adaptive_loss, label_smoothed_cross_entropy.", "cross_entropy")
     options: dict[str, Any] = doc(
@@ -82,10 +89,44 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class PyTorchJobConfig:
+    """The Kubeflow Training Operator PyTorchJob that runs training on a cluster (train.launcher=pytorchjob)."""
+
+    image: str = doc("Trainer image of every replica (the CUDA image of docker/).", TRAINER_IMAGE)
+    gpus_per_node: int | None = doc(
+        "nvidia.com/gpu per pod; null: one per process (train.nproc); 0: CPU pods (gloo).", None
+    )
+    cpu: str = doc("CPU request of each pod.", "4")
+    memory: str = doc("Memory request and limit of each pod (includes /dev/shm).", "32Gi")
+    shm_size: str = doc("Size of the memory-backed /dev/shm (NCCL, DataLoader workers).", "8Gi")
+    cache_size: str = doc("Size of the pod's scratch volume: data-bin copy and checkpoints before upload.", "100Gi")
+    node_selector: dict[str, str] = doc("Node labels the pods must match, e.g. {nvidia.com/gpu.product: H100}.", factory=dict)
+    tolerations: list[dict[str, Any]] = doc(
+        "Pod tolerations (Kubernetes form).",
+        factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    )
+    backoff_limit: int = doc("Job restarts (after retryable exits) before the job fails (runPolicy.backoffLimit).", 3)
+    active_deadline_seconds: int = doc("The job fails after this many seconds (runPolicy.activeDeadlineSeconds).", 172800)
+    ttl_seconds_after_finished: int = doc("A finished job is deleted after this many seconds.", 86400)
+    clean_pod_policy: str = doc("Pods killed when the job ends: Running, All or None.", "Running")
+    timeout_s: int = doc("The train step gives up (and deletes the job) after this many seconds; 0: deadline + 1 h.", 0)
+    poll_s: float = doc("Seconds between job status checks.", 10.0)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """fairseq-train settings and how training processes are launched."""
 
-    launcher: str = doc("How workers start: 'local' (torchrun on this machine).", "local")
+    launcher: str = doc(
+        "How workers start: 'local' (torchrun on this machine, or nnodes emulated PyTorchJob replicas) or "
+        "'pytorchjob' (a Kubeflow PyTorchJob in cluster.namespace; the compiled pipeline's default).",
+        "local",
+    )
+    nnodes: int = doc(
+        "Nodes (PyTorchJob replicas: 1 Master + nnodes-1 Workers). With the local launcher, nnodes > 1 "
+        "emulates them as local processes given the operator's environment.",
+        1,
+    )
     nproc: int = doc("Training processes per node (torchrun --nproc-per-node); GPUs where present, else CPU/gloo.", 2)
     max_epoch: int = doc("Stop after this many epochs (0: no limit).", 5)
     max_update: int = doc("Stop after this many updates (0: no limit).", 0)
@@ -101,9 +142,28 @@ class TrainConfig:
     dropout: float = doc("Dropout.", 0.1)
     clip_norm: float = doc("Gradient clipping norm (0: off).", 0.0)
     seed: int = doc("Random seed.", 1)
-    precision: str = doc("fp32, fp16 or bf16 (fp16/bf16 need a GPU).", "fp32")
+    precision: str = doc(
+        "fp32, fp16, memory_efficient_fp16, bf16 or memory_efficient_bf16 (all but fp32 need a GPU).", "fp32"
+    )
     log_interval: int = doc("Log training metrics every this many updates.", 10)
+    patience: int = doc("Stop after this many validations without improvement (-1: off).", -1)
+    save_interval_updates: int = doc(
+        "Also save (and upload) a checkpoint every this many updates, mid-epoch (0: at epoch ends only).", 0
+    )
+    keep_interval_updates: int = doc("Keep the newest this many mid-epoch checkpoints (-1: all).", 2)
+    keep_last_epochs: int = doc("Keep a checkpoint of each of the last this many epochs (0: last and best only).", 0)
+    bmuf: bool = doc(
+        "Block-wise model-update filtering: replicas sync every global_sync_iter updates (fairseq --use-bmuf; "
+        "its options through extra_args) instead of every update.",
+        False,
+    )
+    cache_dir: str = doc(
+        "Workers' local cache (data-bin copy, checkpoints before upload); empty: $LMFORGE_CACHE_DIR or "
+        "~/.cache/lmforge.",
+        "",
+    )
     extra_args: dict[str, Any] = doc("Any other fairseq-train option, as --key value (true is a bare flag).", factory=dict)
+    pytorchjob: PyTorchJobConfig = doc("The PyTorchJob (launcher pytorchjob).", factory=PyTorchJobConfig)
 
 
 @dataclass(frozen=True)
@@ -329,8 +389,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
     """Typed config from plain data; raises one ConfigError listing every problem."""
+    from lmforge import presets
+
     problems: list[str] = []
-    cfg = _build(RunConfig, data, "", problems)
+    cfg = _build(RunConfig, presets.apply(data, problems), "", problems)
     if not problems:
         problems.extend(validate(cfg))
     if problems:
@@ -417,24 +479,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if pp.workers < 1:
         p.append(f"preprocess.workers: {pp.workers} must be >= 1")
     t = cfg.train
-    if t.launcher != "local":
-        p.append(f"train.launcher: {t.launcher!r} is not supported (use 'local')")
-    for name in ("nproc", "tokens_per_sample", "max_tokens", "update_freq", "log_interval"):
-        if getattr(t, name) < 1:
-            p.append(f"train.{name}: {getattr(t, name)} must be >= 1")
-    for name in ("max_epoch", "max_update", "warmup_updates"):
-        if getattr(t, name) < 0:
-            p.append(f"train.{name}: {getattr(t, name)} must be >= 0")
-    if t.max_epoch == 0 and t.max_update == 0:
-        p.append("train.max_epoch: set max_epoch or max_update, or training never stops")
-    if t.lr <= 0:
-        p.append(f"train.lr: {t.lr} must be positive")
-    if t.sample_break_mode not in ("none", "complete", "complete_doc", "eos"):
-        p.append(f"train.sample_break_mode: {t.sample_break_mode!r} (use none, complete, complete_doc or eos)")
-    if t.precision not in ("fp32", "fp16", "bf16"):
-        p.append(f"train.precision: {t.precision!r} (use fp32, fp16 or bf16)")
-    if not 0 <= t.dropout < 1:
-        p.append(f"train.dropout: {t.dropout} must be in [0, 1)")
+    p.extend(validate_training(cfg))
     e = cfg.evaluate
     if e.split not in ("test", "valid"):
         p.append(f"evaluate.split: {e.split!r} (use test or valid)")
@@ -456,6 +501,114 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"storage.root: {cfg.storage.root!r} (use a local path, file:// or s3://bucket/prefix)")
     if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", cfg.cluster.namespace):
         p.append(f"cluster.namespace: {cfg.cluster.namespace!r} is not a Kubernetes namespace name")
+    return p
+
+
+PRECISIONS = ("fp32", "fp16", "memory_efficient_fp16", "bf16", "memory_efficient_bf16")
+# fairseq-train options the worker sets from the placement or from a typed field; passing them in
+# train.extra_args would contradict what the worker computes.
+WORKER_OWNED_ARGS = {
+    "distributed_world_size": "train.nnodes and train.nproc", "distributed_rank": "the launcher",
+    "distributed_init_method": "the launcher", "distributed_no_spawn": "the launcher",
+    "distributed_backend": "the worker (NCCL on GPUs, gloo on CPU)", "device_id": "LOCAL_RANK",
+    "distributed_port": "the launcher", "save_dir": "the checkpoint location", "cpu": "the worker",
+    "fp16": "train.precision", "bf16": "train.precision", "memory_efficient_fp16": "train.precision",
+    "memory_efficient_bf16": "train.precision", "use_bmuf": "train.bmuf", "patience": "train.patience",
+    "save_interval_updates": "train.save_interval_updates", "keep_interval_updates": "train.keep_interval_updates",
+    "keep_last_epochs": "train.keep_last_epochs", "no_epoch_checkpoints": "train.keep_last_epochs",
+    "max_tokens": "train.max_tokens", "update_freq": "train.update_freq", "max_update": "train.max_update",
+    "max_epoch": "train.max_epoch", "arch": "model.arch", "criterion": "model.criterion",
+}
+# Architectures whose decoder builds an adaptive softmax by default (fairseq's arch defaults).
+ADAPTIVE_SOFTMAX_ARCHS = {"transformer_lm_wiki103": "20000,60000", "transformer_lm_gbw": "60000,160000",
+                          "lstm_lm": "10000,50000,200000"}
+
+
+def world_size(cfg: RunConfig) -> int:
+    return cfg.train.nnodes * cfg.train.nproc
+
+
+def adaptive_softmax_cutoff(cfg: RunConfig) -> list[int] | None:
+    """The adaptive softmax cutoffs the model will be built with; None when it has none.
+
+    fairseq's transformer LMs build one whenever a cutoff is set (transformer_lm_wiki103 sets one by
+    default); lstm_lm builds one only under the adaptive_loss criterion.
+    """
+    m = cfg.model
+    if m.arch.startswith("lstm") and m.criterion != "adaptive_loss":
+        return None
+    raw = m.options.get("adaptive_softmax_cutoff") or ADAPTIVE_SOFTMAX_ARCHS.get(m.arch)
+    if not raw:
+        return None
+    try:
+        return [int(x) for x in str(raw).strip("()[] ").split(",") if x.strip()]
+    except ValueError:
+        return []
+
+
+def validate_training(cfg: RunConfig) -> list[str]:
+    """Problems of the model and train sections, combinations included (no I/O, no fairseq import)."""
+    p: list[str] = []
+    t, m = cfg.train, cfg.model
+    if t.launcher not in ("local", "pytorchjob"):
+        p.append(f"train.launcher: {t.launcher!r} is not supported (use 'local' or 'pytorchjob')")
+    for name in ("nnodes", "nproc", "tokens_per_sample", "max_tokens", "update_freq", "log_interval"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name}: {getattr(t, name)} must be >= 1")
+    for name in ("max_epoch", "max_update", "warmup_updates", "save_interval_updates", "keep_last_epochs"):
+        if getattr(t, name) < 0:
+            p.append(f"train.{name}: {getattr(t, name)} must be >= 0")
+    if t.keep_interval_updates < -1 or t.keep_interval_updates == 0:
+        p.append(f"train.keep_interval_updates: {t.keep_interval_updates} must be -1 (all) or positive")
+    if t.patience < -1 or t.patience == 0:
+        p.append(f"train.patience: {t.patience} must be -1 (off) or positive")
+    if t.max_epoch == 0 and t.max_update == 0:
+        p.append("train.max_epoch: set max_epoch or max_update, or training never stops")
+    if t.lr <= 0:
+        p.append(f"train.lr: {t.lr} must be positive")
+    if t.sample_break_mode not in ("none", "complete", "complete_doc", "eos"):
+        p.append(f"train.sample_break_mode: {t.sample_break_mode!r} (use none, complete, complete_doc or eos)")
+    if t.precision not in PRECISIONS:
+        p.append(f"train.precision: {t.precision!r} (use {', '.join(PRECISIONS)})")
+    if not 0 <= t.dropout < 1:
+        p.append(f"train.dropout: {t.dropout} must be in [0, 1)")
+    for key in t.extra_args:
+        owner = WORKER_OWNED_ARGS.get(str(key).replace("-", "_"))
+        if owner:
+            p.append(f"train.extra_args.{key}: set by {owner}; remove it from extra_args")
+    distributed = world_size(cfg) > 1
+    ddp_backend = str(t.extra_args.get("ddp_backend", "legacy_ddp" if distributed else ""))
+    if m.criterion == "adaptive_loss":
+        if distributed and ddp_backend != "legacy_ddp" and not t.bmuf:
+            p.append(f"train.extra_args.ddp_backend: adaptive_loss under DDP needs legacy_ddp, not {ddp_backend!r}")
+        if adaptive_softmax_cutoff(cfg) is None:
+            p.append(
+                f"model.criterion: adaptive_loss needs an adaptive softmax; set model.options.adaptive_softmax_cutoff "
+                f"for {m.arch!r} or use the transformer_lm_wiki103 or lstm_lm preset"
+            )
+    cutoff = adaptive_softmax_cutoff(cfg)
+    if cutoff is not None and (not cutoff or any(b <= a for a, b in zip(cutoff, cutoff[1:])) or cutoff[0] <= 0):
+        p.append(f"model.options.adaptive_softmax_cutoff: {cutoff} must be increasing positive integers")
+    if t.bmuf and not distributed:
+        p.append("train.bmuf: BMUF synchronizes replicas; it needs nnodes x nproc > 1")
+    j = t.pytorchjob
+    if t.launcher == "pytorchjob":
+        if not j.image:
+            p.append("train.pytorchjob.image: empty; name the trainer image")
+        if j.gpus_per_node is not None and j.gpus_per_node not in (0, t.nproc):
+            p.append(
+                f"train.pytorchjob.gpus_per_node: {j.gpus_per_node} must be 0 (CPU pods) or train.nproc "
+                f"({t.nproc}): one training process per GPU"
+            )
+        if j.gpus_per_node == 0 and t.precision != "fp32":
+            p.append(f"train.precision: {t.precision} needs GPUs; set train.pytorchjob.gpus_per_node")
+    if j.clean_pod_policy not in ("Running", "All", "None"):
+        p.append(f"train.pytorchjob.clean_pod_policy: {j.clean_pod_policy!r} (use Running, All or None)")
+    for name in ("backoff_limit", "active_deadline_seconds", "ttl_seconds_after_finished", "timeout_s"):
+        if getattr(j, name) < 0:
+            p.append(f"train.pytorchjob.{name}: {getattr(j, name)} must be >= 0")
+    if j.poll_s <= 0:
+        p.append(f"train.pytorchjob.poll_s: {j.poll_s} must be positive")
     return p
 
 

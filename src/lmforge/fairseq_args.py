@@ -43,6 +43,12 @@ def option_args(options: dict[str, Any]) -> list[str]:
     return args
 
 
+PRECISION_FLAGS = {
+    "fp32": [], "fp16": ["--fp16"], "memory_efficient_fp16": ["--memory-efficient-fp16"],
+    "bf16": ["--bf16"], "memory_efficient_bf16": ["--memory-efficient-bf16"],
+}
+
+
 def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placement = Placement()) -> list[str]:
     """fairseq-train arguments for one process of the job."""
     t, m = cfg.train, cfg.model
@@ -65,21 +71,31 @@ def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placemen
         "--max-update", str(t.max_update),
         "--seed", str(t.seed),
         "--save-dir", save_dir,
-        # last and best only: every epoch's copy costs disk and upload time
-        "--no-epoch-checkpoints",
         "--log-format", "json",
         "--log-interval", str(t.log_interval),
         "--skip-invalid-size-inputs-valid-test",
     ]
+    if t.keep_last_epochs:
+        args += ["--keep-last-epochs", str(t.keep_last_epochs)]
+    else:
+        # last and best only: every epoch's copy costs disk and upload time
+        args.append("--no-epoch-checkpoints")
+    if t.save_interval_updates:
+        args += ["--save-interval-updates", str(t.save_interval_updates),
+                 "--keep-interval-updates", str(t.keep_interval_updates)]
+    if t.patience > 0:
+        args += ["--patience", str(t.patience)]
     if t.warmup_updates:
         args += ["--warmup-updates", str(t.warmup_updates)]
-    if t.optimizer == "adam":
+    if t.optimizer == "adam" and "adam_betas" not in t.extra_args:
         args += ["--adam-betas", "(0.9, 0.98)"]
-    if t.precision == "fp16":
-        args.append("--fp16")
-    elif t.precision == "bf16":
-        args.append("--bf16")
-    if not placement.cuda:
+    args += PRECISION_FLAGS[t.precision]
+    if t.bmuf:
+        args.append("--use-bmuf")
+    if placement.cuda:
+        # fairseq ignores LOCAL_RANK: without this every process of a node lands on GPU 0
+        args += ["--device-id", str(placement.device_id)]
+    else:
         args.append("--cpu")
     if placement.world_size > 1:
         args += [
@@ -89,10 +105,9 @@ def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placemen
             "--distributed-rank", str(placement.rank),
             "--distributed-init-method", "env://",
             "--distributed-no-spawn",
-            "--device-id", str(placement.device_id),
             "--distributed-backend", "nccl" if placement.cuda else "gloo",
         ]
-        if not placement.cuda or m.criterion == "adaptive_loss":
+        if "ddp_backend" not in t.extra_args and (not placement.cuda or m.criterion == "adaptive_loss"):
             # pytorch_ddp hands device_ids to DDP, which fails for CPU modules;
             # adaptive_loss needs legacy_ddp under any DDP.
             args += ["--ddp-backend", "legacy_ddp"]
