@@ -18,11 +18,12 @@ import functools
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from lmforge import __version__, tracking
+from lmforge import __version__, storage, tracking
 from lmforge import config as config_mod
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
@@ -60,13 +61,21 @@ class RegisterOutputs(NamedTuple):
     mlflow_run_id: str
 
 
-def run_dir(cfg: RunConfig, pipeline_run_id: str) -> Path:
-    return Path(cfg.storage.root) / cfg.name / pipeline_run_id
+def run_dir(cfg: RunConfig, pipeline_run_id: str) -> str:
+    """Where one pipeline run's own outputs live (checkpoints, evaluation): a path or an s3:// URI."""
+    return storage.join(cfg.storage.root, cfg.name, pipeline_run_id)
 
 
-def data_dir(cfg: RunConfig, kind: str, key: str) -> Path:
+def data_dir(cfg: RunConfig, kind: str, key: str) -> str:
     """Where a data stage's output lives: named by content, shared by every run that needs it."""
-    return Path(cfg.storage.root) / "data" / kind / key
+    return storage.join(cfg.storage.root, "data", kind, key)
+
+
+def scratch_dir(name: str) -> Path:
+    """Local working space of a step whose outputs go to S3 (a pod's disk, or this machine's)."""
+    path = Path(os.environ.get("LMFORGE_SCRATCH", Path(tempfile.gettempdir()) / "lmforge")) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -118,13 +127,29 @@ def download(download_json: str) -> DownloadOutputs:
     from lmforge.download import download_corpus
 
     cfg = config_mod.from_stage_json(download_json)
-    out = data_dir(cfg, "corpus", config_mod.content_key(download_json))
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    key = config_mod.content_key(download_json)
+    out = data_dir(cfg, "corpus", key)
+    remote = storage.is_remote(out)
+    if remote and storage.exists(storage.join(out, "manifest.json")):
+        # Another run (or an earlier attempt of this one) published it: manifest.json is uploaded last.
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.get_file(storage.join(out, "manifest.json"), Path(tmp) / "manifest.json")
+            manifest = json.loads((Path(tmp) / "manifest.json").read_text())
+        log.info("corpus already in %s (sha256 %s)", out, manifest["sha256"])
+        return DownloadOutputs(out, manifest["sha256"])
+    local_out = scratch_dir("corpus") / key if remote else Path(out)
+    cache = scratch_dir("cache") if remote else Path(cfg.storage.root) / "cache"
     manifest = download_corpus(
-        cfg.corpus.source, out, sha256=cfg.corpus.sha256, size=cfg.corpus.size,
-        members=dict(cfg.corpus.members), cache_dir=Path(cfg.storage.root) / "cache",
+        cfg.corpus.source, local_out, sha256=cfg.corpus.sha256, size=cfg.corpus.size,
+        members=dict(cfg.corpus.members), cache_dir=cache,
     )
+    if remote:
+        for name in sorted(p.name for p in local_out.iterdir() if p.name != "manifest.json"):
+            storage.put_file(local_out / name, storage.join(out, name))
+        storage.put_file(local_out / "manifest.json", storage.join(out, "manifest.json"))
     log.info("corpus in %s (sha256 %s)", out, manifest["sha256"])
-    return DownloadOutputs(str(out), manifest["sha256"])
+    return DownloadOutputs(out, manifest["sha256"])
 
 
 def log_run_inputs(cfg: RunConfig, corpus_dir: str, data_bin: str) -> None:
@@ -132,21 +157,21 @@ def log_run_inputs(cfg: RunConfig, corpus_dir: str, data_bin: str) -> None:
     import mlflow
 
     tracking.log_params_flat(cfg.to_dict())
-    manifest = json.loads((Path(corpus_dir) / "manifest.json").read_text())
+    manifest = json.loads(storage.read_text(storage.join(corpus_dir, "manifest.json")))
     mlflow.set_tags({
         "lmforge.version": __version__, "lmforge.config_hash": cfg.config_hash(),
         "lmforge.corpus_sha256": manifest["sha256"],
     })
     mlflow.log_dict(manifest, "corpus/manifest.json")
     tracking.log_corpus_inputs(cfg.corpus.source, manifest, cfg.name)
-    summary_file = Path(data_bin) / "summary.json"
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
+    summary_file = storage.join(data_bin, "summary.json")
+    if storage.exists(summary_file):
+        summary = json.loads(storage.read_text(summary_file))
         mlflow.log_metric("vocab_size", summary["vocab_size"])
         for split, numbers in summary["splits"].items():
             mlflow.log_metrics({f"{split}_tokens": numbers["tokens"], f"{split}_sentences": numbers["sentences"]})
         mlflow.set_tag("lmforge.dict_sha256", summary["dict_sha256"])
-    mlflow.log_artifact(str(Path(data_bin) / "dict.txt"), "data-bin")
+    mlflow.log_text(storage.read_text(storage.join(data_bin, "dict.txt")), "data-bin/dict.txt")
 
 
 @step("preprocess")
@@ -155,7 +180,7 @@ def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> Pre
     from lmforge.preprocess import preprocess as build
 
     cfg = config_mod.from_stage_json(preprocess_json)
-    out = data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256))
+    out = Path(data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256)))
     p = cfg.preprocess
     summary = build(
         corpus_dir, out, threshold=p.threshold, nwords=p.nwords, padding_factor=p.padding_factor, workers=p.workers
@@ -169,7 +194,7 @@ def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str
     from lmforge.train import train as run_training
 
     cfg = config_mod.from_json(config_json)
-    save_dir = run_dir(cfg, pipeline_run_id) / "checkpoints"
+    save_dir = Path(run_dir(cfg, pipeline_run_id)) / "checkpoints"
     uri, run_id = tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)
     with tracking.active_run(uri, run_id):
         log_run_inputs(cfg, corpus_dir, data_bin)
@@ -192,7 +217,7 @@ def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: 
 
     cfg = config_mod.from_json(config_json)
     result = score(cfg, data_bin, checkpoint)
-    out = run_dir(cfg, pipeline_run_id) / "eval"
+    out = Path(run_dir(cfg, pipeline_run_id)) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     numbers = {f"{result['split']}_{k}": float(v) for k, v in result.items() if k in _EVAL_METRICS}
