@@ -211,3 +211,64 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory):
         else:
             os.environ[key] = value
     server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Training-worker fixtures (tests/test_worker.py, test_checkpoints.py, test_train.py): a data-bin
+# whose validation split is small, so that runs which validate at every save stay quick.
+
+
+@pytest.fixture(scope="session")
+def fast_data_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train: 400 WikiText-2 lines (~20k tokens); valid and test: 40 lines each."""
+    from lmforge.preprocess import preprocess
+
+    lines = (wikitext_or_skip() / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    corpus = tmp_path_factory.mktemp("fast-corpus")
+    (corpus / "train.txt").write_text("".join(lines[:400]), encoding="utf-8")
+    (corpus / "valid.txt").write_text("".join(lines[400:440]), encoding="utf-8")
+    (corpus / "test.txt").write_text("".join(lines[440:480]), encoding="utf-8")
+    out = tmp_path_factory.mktemp("fast-data") / "data-bin"
+    preprocess(corpus, out, threshold=2)
+    return out
+
+
+#: Tiny-preset settings for training tests: one process, 1024-token batches, a loss per update.
+FAST_TRAINING = ["train.nproc=1", "train.max_tokens=1024", "train.log_interval=1", "train.max_epoch=0"]
+
+
+def worker_command(config_file: Path, data_bin: Path, save_dir: str | Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge.worker", "--config", str(config_file), "--data", str(data_bin),
+            "--save-dir", str(save_dir), *extra]
+
+
+def train_inner_losses(log_text: str) -> dict[int, str]:
+    """num_updates -> loss (as fairseq printed it) from fairseq's JSON 'train_inner' log lines."""
+    import json
+
+    losses = {}
+    for line in log_text.splitlines():
+        if "| train_inner |" in line:
+            stats = json.loads(line.split("| train_inner |", 1)[1])
+            losses[int(stats["num_updates"])] = stats["loss"]
+    return losses
+
+
+@pytest.fixture(scope="session")
+def interval_run(fast_data_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted single-process worker run: 12 updates, a checkpoint every 4, a loss per update.
+
+    Returns its config file, checkpoint directory, cache directory and losses by update.
+    """
+    from lmforge import config
+
+    base = tmp_path_factory.mktemp("interval-run")
+    cfg = config.load(TINY_CONFIG, [*FAST_TRAINING, "train.max_update=12", "train.save_interval_updates=4",
+                                    f"train.cache_dir={base / 'cache'}"])
+    config_file = base / "run-config.json"
+    config_file.write_text(cfg.to_json())
+    proc = subprocess.run(worker_command(config_file, fast_data_bin, base / "checkpoints"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"config_file": config_file, "checkpoints": base / "checkpoints", "cache": base / "cache",
+            "losses": train_inner_losses(proc.stderr), "log": proc.stderr}

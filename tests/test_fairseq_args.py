@@ -46,9 +46,45 @@ def test_gpu_process_gets_its_local_rank_as_device_id():
 
 
 def test_adaptive_loss_needs_legacy_ddp_on_gpu_too():
-    cfg = config.load(TINY, ["model.criterion=adaptive_loss"])
+    cfg = config.load(TINY, ["model.criterion=adaptive_loss", "model.options.adaptive_softmax_cutoff=1000,3000"])
     args = train_args(cfg, "/d", "/c", Placement(world_size=2, rank=0, cuda=True))
     assert value_after(args, "--ddp-backend") == "legacy_ddp"
+    assert value_after(args, "--adaptive-softmax-cutoff") == "1000,3000"
+
+
+def test_single_gpu_process_still_gets_its_device():
+    args = train_args(config.load(TINY), "/d", "/c", Placement(world_size=1, rank=0, device_id=3, cuda=True))
+    assert value_after(args, "--device-id") == "3"
+    assert "--distributed-world-size" not in args
+
+
+def test_checkpoint_schedule_patience_and_bmuf():
+    cfg = config.load(TINY, [
+        "train.save_interval_updates=50", "train.keep_interval_updates=3", "train.keep_last_epochs=2",
+        "train.patience=4", "train.bmuf=true", "train.nproc=2", "train.extra_args.global_sync_iter=10",
+    ])
+    args = train_args(cfg, "/d", "/c", Placement(world_size=2, rank=0))
+    assert value_after(args, "--save-interval-updates") == "50"
+    assert value_after(args, "--keep-interval-updates") == "3"
+    assert value_after(args, "--keep-last-epochs") == "2" and "--no-epoch-checkpoints" not in args
+    assert value_after(args, "--patience") == "4"
+    assert "--use-bmuf" in args and value_after(args, "--global-sync-iter") == "10"
+    plain = train_args(config.load(TINY), "/d", "/c")
+    assert "--no-epoch-checkpoints" in plain and "--save-interval-updates" not in plain and "--patience" not in plain
+
+
+def test_each_precision_has_its_flag():
+    for precision, flag in [("fp16", "--fp16"), ("memory_efficient_fp16", "--memory-efficient-fp16"),
+                            ("bf16", "--bf16"), ("memory_efficient_bf16", "--memory-efficient-bf16")]:
+        args = train_args(config.load(TINY, [f"train.precision={precision}"]), "/d", "/c", Placement(cuda=True))
+        assert flag in args, precision
+    assert not {"--fp16", "--bf16"} & set(train_args(config.load(TINY), "/d", "/c"))
+
+
+def test_explicit_ddp_backend_is_kept():
+    cfg = config.load(TINY, ["train.extra_args.ddp_backend=no_c10d"])
+    args = train_args(cfg, "/d", "/c", Placement(world_size=2, rank=0, cuda=True))
+    assert args.count("--ddp-backend") == 1 and value_after(args, "--ddp-backend") == "no_c10d"
 
 
 def test_extra_args_and_precision():

@@ -146,10 +146,13 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmforge.train import train
+    from lmforge.train import dry_run, train
 
     cfg = load_config(args)
     check_against_fairseq(cfg)
+    if args.dry_run:
+        print(json.dumps(dry_run(cfg, args.data_bin, args.checkpoints), indent=2))
+        return
     print(json.dumps(train(cfg, args.data_bin, args.checkpoints), indent=2))
 
 
@@ -198,7 +201,8 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     from lmforge import worker
 
-    worker.run(args.config, args.data, args.save_dir, tracking_uri=args.tracking_uri, mlflow_run_id=args.mlflow_run_id)
+    # The status carries meaning for a PyTorchJob's restart policy (138, 143: retry): pass it on as it is.
+    raise SystemExit(worker.run_from_args(args))
 
 
 # --------------------------------------------------------------------------- parser
@@ -243,7 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with fairseq through the configured launcher")
     add_config_arguments(p)
     p.add_argument("--data-bin", required=True, help="preprocess output")
-    p.add_argument("--checkpoints", required=True, help="checkpoint directory (resumed when it has checkpoint_last.pt)")
+    p.add_argument(
+        "--checkpoints", required=True, help="checkpoint directory or s3:// URI (training resumes from what it holds)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="check config, data-bin and environment, estimate updates/epoch and tokens/update, run one batch, stop",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="loss and perplexity with fairseq's eval-lm logic")

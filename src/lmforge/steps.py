@@ -190,23 +190,32 @@ def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> Pre
 
 @step("train")
 def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str) -> str:
-    """Returns the best checkpoint's path."""
+    """Returns the best checkpoint's location: a path, or an s3:// URI when storage.root is on S3.
+
+    The launcher is train.launcher: local processes (`lmforge run`'s default) or a PyTorchJob
+    (the compiled pipeline's default) named after the pipeline run, so a retry attaches to it.
+    """
     from lmforge.train import train as run_training
 
     cfg = config_mod.from_json(config_json)
-    save_dir = Path(run_dir(cfg, pipeline_run_id)) / "checkpoints"
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    checkpoint_uri = storage.join(run_dir(cfg, pipeline_run_id), "checkpoints")
     uri, run_id = tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)
     with tracking.active_run(uri, run_id):
         log_run_inputs(cfg, corpus_dir, data_bin)
-    summary = run_training(cfg, data_bin, save_dir, tracking_uri=uri, mlflow_run_id=run_id)
+    summary = run_training(
+        cfg, data_bin, checkpoint_uri, tracking_uri=uri, mlflow_run_id=run_id, pipeline_run_id=pipeline_run_id
+    )
     with tracking.active_run(uri, run_id):
         import mlflow
 
         mlflow.log_metrics({"epochs": summary["epochs"], "num_updates": summary["num_updates"]})
         if summary["best_valid_loss"] is not None:
             mlflow.log_metric("best_valid_loss", summary["best_valid_loss"])
-        for name in ("checkpoint_best", "checkpoint_last"):
-            mlflow.log_artifact(summary[name], "checkpoints")
+        mlflow.set_tag("lmforge.checkpoints", checkpoint_uri)
+        if not storage.is_remote(checkpoint_uri):  # on S3 they stay where they are: no second copy
+            for name in ("checkpoint_best", "checkpoint_last"):
+                mlflow.log_artifact(summary[name], "checkpoints")
     return summary["checkpoint_best"]
 
 
