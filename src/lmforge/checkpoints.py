@@ -122,6 +122,7 @@ class Uploader:
         self.manifest["best_loss"] = event.best_loss
         _write_manifest(self.uri, self.manifest)
         self.known = now
+        log.info("checkpoint of update %d saved at %s", event.num_updates, self.uri)
         return changed
 
 

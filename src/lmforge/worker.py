@@ -177,11 +177,13 @@ def local_process_env(environ: Mapping[str, str], env: Environment, local_rank: 
 def combine_exit_codes(codes: Sequence[int]) -> int:
     """One pod's status from its processes': a permanent failure wins (its peers then fail
     transiently, e.g. 'connection closed by peer'), then a signal or transient code, else 0."""
-    normalized = [128 - code if code < 0 else code for code in codes]  # -9 (killed by SIGKILL) -> 137
-    for code in normalized:
-        if 0 < code < 128:
-            return code
-    return max(normalized, default=0)
+    permanent = [code for code in codes if 0 < code < 128]
+    if permanent:
+        return permanent[0]
+    signalled = [128 - code for code in codes if code < 0]  # -9 (killed by SIGKILL, e.g. OOM) -> 137: the cause
+    if signalled:
+        return signalled[0]
+    return max(codes, default=0)
 
 
 _TRANSIENT_MESSAGES = (
@@ -236,7 +238,7 @@ def run_local_processes(command: list[str], envs: list[dict[str, str]], *, grace
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         stopping_since: float | None = None
-        while any(proc.poll() is None for proc in procs):
+        while None in [proc.poll() for proc in procs]:  # a list: every process polled each time
             failed = any(proc.returncode not in (None, 0) for proc in procs)
             if (failed or received) and stopping_since is None:
                 stopping_since = time.monotonic()
