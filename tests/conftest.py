@@ -55,8 +55,10 @@ def trained_checkpoints(small_data_bin: Path, tmp_path_factory: pytest.TempPathF
     from lmforge import config
     from lmforge.train import train
 
-    cfg = config.load(TINY_CONFIG, ["train.max_update=12", "train.max_epoch=0", "train.log_interval=2"])
-    save_dir = tmp_path_factory.mktemp("train") / "checkpoints"
+    base = tmp_path_factory.mktemp("train")
+    cfg = config.load(TINY_CONFIG, ["train.max_update=12", "train.max_epoch=0", "train.log_interval=2",
+                                    f"train.cache_dir={base / 'cache'}"])
+    save_dir = base / "checkpoints"
     return save_dir, train(cfg, small_data_bin, save_dir)
 
 

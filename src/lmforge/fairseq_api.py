@@ -145,6 +145,9 @@ def dry_run(argv: list[str], *, world_size: int, update_freq: int) -> dict[str, 
     batches = len(epoch_itr)  # this process's share of the epoch
     train_tokens = int(dataset.sizes.sum())
     updates = math.ceil(batches / update_freq)
+    # every process contributes update_freq batches to an update
+    batch_tokens = [int(dataset.sizes[batch].sum()) for batch in epoch_itr.frozen_batches]
+    tokens_per_update = sum(batch_tokens) / max(len(batch_tokens), 1) * world_size * update_freq
     device = torch.device("cpu" if cfg.common.cpu or not torch.cuda.is_available() else f"cuda:{cfg.distributed_training.device_id}")
     dtype = torch.bfloat16 if cfg.common.bf16 else torch.float16 if cfg.common.fp16 else torch.float32
     model.to(device=device, dtype=dtype).train()
@@ -163,7 +166,7 @@ def dry_run(argv: list[str], *, world_size: int, update_freq: int) -> dict[str, 
         "train_tokens": train_tokens,
         "batches_per_process": batches,
         "updates_per_epoch": updates,
-        "tokens_per_update": round(train_tokens / max(updates, 1)),
+        "tokens_per_update": round(tokens_per_update),
         "max_tokens_per_update": cfg.dataset.max_tokens * world_size * update_freq,
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch": {
