@@ -137,13 +137,13 @@ def test_pytorchjob_fields() -> None:
         (container,) = [c for c in pod["containers"] if c["name"] == "pytorch"]  # the operator's container name
         assert container["image"] == TRAINER_IMAGE, "the image the compiled pipeline uses"
         assert container["command"][:2] == ["lmforge", "worker"]
-        assert any(a.startswith("--config=/config/") for a in container["command"])
+        assert "--config" in container["command"] and "--save-dir" in container["command"]
         gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
         assert gpus >= 1 and gpus == int(spec["nprocPerNode"]), "one training process per GPU"
         (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
         (volume,) = [v for v in pod["volumes"] if v["name"] == shm["name"]]
         assert volume["emptyDir"]["medium"] == "Memory"
-        assert any(e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"]), "S3 credentials"
+        assert any(s.get("secretRef", {}).get("name") == "lmforge-s3" for s in container["envFrom"]), "S3 credentials"
 
 
 def test_role_grants_exactly_what_the_train_step_needs() -> None:

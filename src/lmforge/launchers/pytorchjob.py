@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -206,10 +207,11 @@ def credentials_problem() -> str | None:
     from kubernetes import config
 
     try:
-        if kf_utils.is_running_in_k8s():
+        if kf_utils.is_running_in_k8s() and not os.environ.get("KUBECONFIG"):
             config.load_incluster_config()
         else:
-            config.load_kube_config()
+            # named explicitly: the client reads KUBECONFIG once, when it is imported
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     except config.ConfigException as exc:
         return f"train.launcher: pytorchjob needs Kubernetes credentials (in-cluster or KUBECONFIG): {exc}"
     return None
@@ -221,7 +223,7 @@ def _client(namespace: str) -> Any:
     problem = credentials_problem()
     if problem:
         raise LmforgeError(problem)
-    return TrainingClient(namespace=namespace, job_kind="PyTorchJob")
+    return TrainingClient(config_file=os.environ.get("KUBECONFIG"), namespace=namespace, job_kind="PyTorchJob")
 
 
 def _status_code(exc: BaseException) -> int | None:
@@ -252,7 +254,12 @@ def create_or_attach(client: Any, job: Any, namespace: str) -> str:
         except RuntimeError as exc:
             if _status_code(exc) != 409:
                 raise LmforgeError(f"cannot create PyTorchJob {namespace}/{name}: {exc}") from None
-        existing = client.get_job(name, namespace)
+        try:
+            existing = client.get_job(name, namespace)
+        except RuntimeError as exc:
+            if _status_code(exc) == 404:
+                continue  # deleted meanwhile: create it
+            raise LmforgeError(f"cannot read PyTorchJob {namespace}/{name}: {exc}") from None
         condition = terminal_condition(existing)
         if condition is None or condition.type == "Succeeded":
             log.info("attaching to PyTorchJob %s/%s, created by an earlier attempt of this step", namespace, name)
@@ -287,6 +294,12 @@ def _wait_gone(client: Any, name: str, namespace: str, timeout_s: float = 300.0,
     raise LmforgeError(f"PyTorchJob {namespace}/{name} was not deleted within {timeout_s:.0f} s")
 
 
+def _stamp_key(stamp: str) -> str:
+    """An RFC 3339 timestamp as the log API writes it (fraction without trailing zeros), made comparable as text."""
+    base, _, fraction = stamp.rstrip("Z").partition(".")
+    return f"{base}.{fraction.ljust(9, '0')}"
+
+
 class MasterLog(threading.Thread):
     """Follows the Master pod's `pytorch` container log into this process's stdout.
 
@@ -318,9 +331,10 @@ class MasterLog(threading.Thread):
                         container=CONTAINER, timestamps=True,
                     ):
                         stamp, _, text = line.partition(" ")
-                        if stamp <= self._last:
+                        key = _stamp_key(stamp)
+                        if key <= self._last:
                             continue  # shown before the stream was reopened
-                        self._last = stamp
+                        self._last = key
                         self.out.write(f"[{self.pod}] {text}\n")
                         self.out.flush()
                         self.lines += 1
@@ -389,3 +403,66 @@ def launch(cfg: RunConfig, worker_args: list[str], *, job_name: str, run: str = 
     if condition.type == "Failed":
         raise LmforgeError(f"PyTorchJob {namespace}/{job_name} failed: {condition.reason}: {condition.message}")
     log.info("PyTorchJob %s/%s succeeded", namespace, job_name)
+
+
+# ------------------------------------------------------------------ the reference manifest in k8s/
+
+REFERENCE_HEADER = """\
+# Reference PyTorchJob: what the train step creates on a cluster
+# (train.launcher: pytorchjob), rendered by lmforge.launchers.pytorchjob.render
+# for the example inputs in reference_manifest_yaml(): the shipped wikitext-2
+# config on 2 nodes x 1 GPU, data and checkpoints on S3. GENERATED; a golden
+# test keeps it equal to the renderer (regenerate: LMFORGE_REGENERATE=1 pytest
+# tests/launchers). Not part of the kustomization; `kubectl create -f` it after
+# replacing the URIs.
+#
+# - The operator sets MASTER_ADDR/MASTER_PORT (the Master's service),
+#   WORLD_SIZE = replicas x nprocPerNode, RANK = the pod's index and PET_*;
+#   `lmforge worker` checks them, starts nprocPerNode processes per pod with
+#   --device-id from LOCAL_RANK (fairseq ignores LOCAL_RANK), NCCL on GPUs.
+# - restartPolicy ExitCode: the operator restarts a pod that exits >= 128:
+#   137 (killed, e.g. OOM or preemption), 138 (lmforge's transient failures:
+#   storage, network, a lost peer), 143 (SIGTERM: the worker saved and uploaded
+#   a checkpoint first); 1 and 2 (a bad config or data-bin) fail the job. Every
+#   restart resumes from the newest checkpoint at --save-dir that loads.
+# - runPolicy: backoffLimit restarts; activeDeadlineSeconds (48 h) fails a job
+#   that runs too long; finished jobs stay ttlSecondsAfterFinished (1 day) for
+#   their logs; cleanPodPolicy Running kills the peers of a failed rank, which
+#   would otherwise hang in NCCL.
+# - Credentials: envFrom the cluster section's Secrets (lmforge-s3 for S3,
+#   lmforge-mlflow for MLFLOW_TRACKING_URI; see secrets.example.yaml).
+# - /dev/shm is a memory emptyDir (the runtime's 64 MiB is too small for NCCL);
+#   /tmp (HOME, the data-bin copy, checkpoints before upload) a scratch one, as
+#   the root filesystem is read-only. No Istio sidecar (it would sit in the
+#   rendezvous and keep the pod alive after training). Only rank 0 logs to
+#   MLflow.
+"""
+
+
+def reference_manifest_yaml() -> str:
+    """k8s/pytorchjob.yaml: `render` for example inputs, as yamllint-clean YAML."""
+    import yaml
+
+    from lmforge import config as config_mod
+
+    cfg = config_mod.default_config()
+    cfg = config_mod.from_dict({
+        **cfg.to_dict(),
+        "train": {**cfg.to_dict()["train"], "launcher": "pytorchjob", "nnodes": 2, "nproc": 1},
+        "storage": {"root": "s3://lmforge/runs", "s3_endpoint": ""},
+        "tracking": {**cfg.to_dict()["tracking"], "uri": "http://mlflow:5000"},
+    })
+    checkpoints = "s3://lmforge/runs/wikitext-2/RUN_ID/checkpoints"
+    args = ["--config", f"{checkpoints}/run-config.json", "--data", "s3://lmforge/runs/data/data-bin/DATA_KEY",
+            "--save-dir", checkpoints, "--tracking-uri", "http://mlflow:5000", "--mlflow-run-id", "MLFLOW_RUN_ID"]
+    manifest = render(cfg, args, job_name("run-id"), run="RUN_ID")
+
+    class IndentedDumper(yaml.SafeDumper):
+        """Block sequences indented under their key, as yamllint's default rules want."""
+
+        def increase_indent(self, flow: bool = False, indentless: bool = False) -> Any:
+            return super().increase_indent(flow, False)
+
+    body = yaml.dump(manifest, Dumper=IndentedDumper, sort_keys=False, default_flow_style=False,
+                     explicit_start=True, width=78)
+    return body.replace("---\n", "---\n" + REFERENCE_HEADER, 1)
