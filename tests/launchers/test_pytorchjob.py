@@ -329,3 +329,12 @@ def test_sigterm_deletes_the_job_and_exits_143(cluster, tmp_path):
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output[-2000:]
     assert stub.deleted == ["lmforge-run-6"]
+
+
+def test_the_compiled_pipeline_trains_as_a_pytorchjob_and_lmforge_run_locally():
+    from lmforge.pipeline.definition import DEFAULT_CONFIG_JSON
+
+    assert config.from_json(DEFAULT_CONFIG_JSON).train.launcher == "pytorchjob"
+    assert '"launcher": "pytorchjob"' in (REPO / "pipelines" / "lmforge.yaml").read_text()
+    for shipped in ("tiny", "wikitext-2"):  # what `lmforge run --config ...` starts from
+        assert config.load(config.shipped_config_path(shipped)).train.launcher == "local"

@@ -13,8 +13,9 @@ from lmforge import config as config_mod
 from lmforge.pipeline import components as c
 
 PIPELINE_NAME = "lmforge"
-# The default shown in the Kubeflow UI: the shipped WikiText-2 config.
-DEFAULT_CONFIG_JSON = config_mod.default_config().to_json()
+# The default shown in the Kubeflow UI: the shipped WikiText-2 config, trained as a PyTorchJob
+# (`lmforge run` passes its own config, whose launcher defaults to local processes).
+DEFAULT_CONFIG_JSON = config_mod.load(config_mod.shipped_config_path("wikitext-2"), ["train.launcher=pytorchjob"]).to_json()
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Train, evaluate and register a fairseq language model.")
