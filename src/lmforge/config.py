@@ -577,9 +577,10 @@ def validate_training(cfg: RunConfig) -> list[str]:
         if owner:
             p.append(f"train.extra_args.{key}: set by {owner}; remove it from extra_args")
     distributed = world_size(cfg) > 1
-    ddp_backend = str(t.extra_args.get("ddp_backend", "legacy_ddp" if distributed else ""))
     if m.criterion == "adaptive_loss":
-        if distributed and ddp_backend != "legacy_ddp" and not t.bmuf:
+        ddp_backend = str(t.extra_args.get("ddp_backend", "legacy_ddp"))
+        if ddp_backend != "legacy_ddp":
+            # fairseq refuses the combination when it builds the criterion, i.e. after launch
             p.append(f"train.extra_args.ddp_backend: adaptive_loss under DDP needs legacy_ddp, not {ddp_backend!r}")
         if adaptive_softmax_cutoff(cfg) is None:
             p.append(

@@ -42,6 +42,13 @@ def criteria() -> set[str]:
     return set(CRITERION_REGISTRY)
 
 
+def check_train_args(argv: list[str]) -> None:
+    """Raise LmforgeError when fairseq-train would reject `argv` (unknown option, bad value)."""
+    from fairseq import options
+
+    _parse(options.get_training_parser, argv)
+
+
 def train(
     argv: list[str],
     *,

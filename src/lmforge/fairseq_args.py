@@ -107,10 +107,11 @@ def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placemen
             "--distributed-no-spawn",
             "--distributed-backend", "nccl" if placement.cuda else "gloo",
         ]
-        if "ddp_backend" not in t.extra_args and (not placement.cuda or m.criterion == "adaptive_loss"):
-            # pytorch_ddp hands device_ids to DDP, which fails for CPU modules;
-            # adaptive_loss needs legacy_ddp under any DDP.
-            args += ["--ddp-backend", "legacy_ddp"]
+    if "ddp_backend" not in t.extra_args and (m.criterion == "adaptive_loss" or
+                                              (placement.world_size > 1 and not placement.cuda)):
+        # pytorch_ddp hands device_ids to DDP, which fails for CPU modules; fairseq's
+        # adaptive_loss refuses pytorch_ddp outright, even for a single process.
+        args += ["--ddp-backend", "legacy_ddp"]
     return args + option_args(m.options) + option_args(t.extra_args)
 
 

@@ -103,6 +103,12 @@ def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> None:
     problems += environment_problems(cfg, data_bin, checkpoint_uri)
     if problems:
         raise LmforgeError("cannot train: " + "; ".join(problems))
+    from lmforge import fairseq_api
+    from lmforge.fairseq_args import Placement, train_args
+
+    # fairseq's own parser on the options as a worker will pass them (extra_args included)
+    placement = Placement(world_size=config_mod.world_size(cfg), cuda=cfg.train.precision != "fp32")
+    fairseq_api.check_train_args(train_args(cfg, data_bin, checkpoint_uri, placement))
 
 
 # ------------------------------------------------------------------ training
