@@ -141,14 +141,19 @@ def train(
     if resumable:
         log.info("resuming: %s holds %s", checkpoint_uri, ", ".join(sorted(resumable)))
     config_uri = write_config(cfg, checkpoint_uri)
-    args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri, mlflow_run_id)
     if cfg.train.launcher == "pytorchjob":
         from lmforge.launchers import pytorchjob
 
-        pytorchjob.launch(cfg, args, job_name=pytorchjob.job_name(pipeline_run_id or checkpoint_uri))
+        if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
+            # a file on this pod's disk: the training pods log to MLFLOW_TRACKING_URI of cluster.mlflow_secret
+            tracking_uri = ""
+        args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri, mlflow_run_id)
+        run = pipeline_run_id or checkpoint_uri
+        pytorchjob.launch(cfg, args, job_name=pytorchjob.job_name(run), run=run)
     else:
         from lmforge.launchers import local
 
+        args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri, mlflow_run_id)
         local.launch(cfg, args, cache_dir=cache_dir(cfg))
     return checkpoints.summary(checkpoint_uri)
 
