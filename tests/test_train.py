@@ -37,8 +37,9 @@ def test_rerun_resumes_from_last_checkpoint(trained_checkpoints, small_data_bin,
     save_dir, _ = trained_checkpoints
     resumed_dir = tmp_path / "checkpoints"
     shutil.copytree(save_dir, resumed_dir)
+    # no validation (120k tokens here): checkpoint_best.pt stays the one recorded by the first run
     cfg = config.load(TINY_CONFIG, ["train.max_update=16", "train.max_epoch=0", "train.nproc=1",
-                                    f"train.cache_dir={tmp_path / 'cache'}"])
+                                    f"train.cache_dir={tmp_path / 'cache'}", "train.extra_args.disable_validation=true"])
     capfd.readouterr()
     summary = train(cfg, small_data_bin, resumed_dir)
     output = "".join(capfd.readouterr())  # the worker processes' own log lines

@@ -269,14 +269,15 @@ def _try_stage(
 
 def summary(uri: str) -> dict[str, Any]:
     """What training reached: {checkpoint_best, checkpoint_last (locations), epochs, num_updates, best_valid_loss}."""
-    entries = read_manifest(uri)["checkpoints"]
+    manifest = read_manifest(uri)
+    entries = manifest["checkpoints"]
     last, best = entries.get(LAST), entries.get(BEST)
     if last is None or best is None:
         raise LmforgeError(
             f"training ended without checkpoint_last.pt and checkpoint_best.pt in {uri}; "
             "check train.max_epoch/max_update (and that validation is not disabled)"
         )
-    best_loss = read_manifest(uri).get("best_loss")
+    best_loss = manifest.get("best_loss")
     return {
         "checkpoint_best": storage.join(uri, BEST),
         "checkpoint_last": storage.join(uri, LAST),
