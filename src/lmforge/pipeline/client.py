@@ -122,6 +122,16 @@ def _prepare(client: Any, cfg: RunConfig, experiment: str | None) -> tuple[Uploa
     return uploaded, exp.experiment_id, namespace
 
 
+def check_runs_on_a_cluster(cfg: RunConfig) -> None:
+    """The configure step refuses a storage.root one pod alone sees; say so before anything is uploaded."""
+    from lmforge.config import cluster_storage_problems
+    from lmforge.errors import ConfigError
+
+    problems = cluster_storage_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
 def run_parameters(cfg: RunConfig) -> dict[str, Any]:
     """What the run gets: the whole config; the run-form fields keep their 'as in config_json' defaults."""
     return {"config_json": cfg.to_json()}
@@ -129,6 +139,7 @@ def run_parameters(cfg: RunConfig) -> dict[str, Any]:
 
 def submit(cfg: RunConfig, host: str, *, experiment: str | None = None, token: str | None = None,
            run_name: str | None = None) -> dict[str, str]:
+    check_runs_on_a_cluster(cfg)
     client = connect(host, token)
     uploaded, experiment_id, _ = _prepare(client, cfg, experiment)
     run = _call("creating the run", client.run_pipeline, experiment_id,
@@ -154,6 +165,7 @@ def schedule(cfg: RunConfig, host: str, cron: str, *, experiment: str | None = N
     """A recurring run for scheduled retraining: one run at a time (max_concurrency 1), and no catch-up, so a
     paused schedule resumes with one run rather than one per missed slot."""
     cron = check_cron(cron)
+    check_runs_on_a_cluster(cfg)
     client = connect(host, token)
     uploaded, experiment_id, _ = _prepare(client, cfg, experiment)
     recurring = _call("creating the recurring run", client.create_recurring_run, experiment_id,
