@@ -181,13 +181,12 @@ def test_submit_uploads_the_pipeline_and_starts_a_run_with_the_config(kfp_server
     (run,) = kfp_server.of("POST", "/apis/v2beta1/runs")
     body = run["body"]
     assert body["display_name"] == "first"
-    assert body["experiment_id"] == kfp_server.runs[0]["experiment_id"] == next(iter(kfp_server.experiments))
-    assert body["pipeline_version_reference"] == {
-        "pipeline_id": upload["query"]["name"] and kfp_server.runs[0]["pipeline_version_reference"]["pipeline_id"],
-        "pipeline_version_id": kfp_server.versions[body["pipeline_version_reference"]["pipeline_id"]][-1][
-            "pipeline_version_id"],
-    }
-    assert version["query"]["name"][0].startswith("lmforge-0.1.0-")
+    assert body["experiment_id"] == next(iter(kfp_server.experiments))
+    # The run starts the version holding exactly this compiled pipeline (named by its content).
+    ref = body["pipeline_version_reference"]
+    (named,) = [v for v in kfp_server.versions[ref["pipeline_id"]] if v["display_name"] == version["query"]["name"][0]]
+    assert ref["pipeline_version_id"] == named["pipeline_version_id"]
+    assert named["display_name"].startswith("lmforge-0.1.0-")
     assert json.loads(body["runtime_config"]["parameters"]["config_json"]) == cfg.to_dict()
     assert "pipeline_spec" not in body or body["pipeline_spec"] is None, "runs the uploaded version"
     assert all(r["authorization"] == "Bearer secret-token" for r in kfp_server.requests)
