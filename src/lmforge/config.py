@@ -164,6 +164,11 @@ class ClusterConfig:
         "environment variables of every pod that logs to MLflow; empty: none.",
         "lmforge-mlflow",
     )
+    image_registry: str = doc(
+        "Registry (and path) of the steps and trainer images, e.g. registry.example.com/ml, where "
+        "`lmforge images build --push` put them; empty: ghcr.io/lmforge. Tags are the package version.",
+        "",
+    )
     cpu_request: dict[str, str] = doc(
         "CPU request of each step's pod, by step name ('default' for steps not listed), e.g. "
         "{preprocess: '4'}. The train step's pod only submits and watches the PyTorchJob.",
@@ -519,6 +524,8 @@ def validate_cluster(c: ClusterConfig) -> list[str]:
             p.append(f"cluster.tolerations[{i}].effect: {toleration['effect']!r} (NoSchedule, PreferNoSchedule, NoExecute)")
     if c.pvc_name and not re.match(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", c.pvc_name):
         p.append(f"cluster.pvc_name: {c.pvc_name!r} is not a Kubernetes object name")
+    if c.image_registry and not re.match(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*/?$", c.image_registry):
+        p.append(f"cluster.image_registry: {c.image_registry!r} is not a registry path like registry.example.com/ml")
     if not c.pvc_mount_path.startswith("/"):
         p.append(f"cluster.pvc_mount_path: {c.pvc_mount_path!r} must be an absolute path")
     if c.retries < 0 or c.retry_backoff_seconds < 0:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from lmforge.config import RunConfig
+from lmforge.pipeline.images import STEPS_IMAGE, TRAINER_IMAGE, image
 
 PIPELINE_FILE = Path("pipelines") / "lmforge.yaml"
 COMPONENTS_DIR = Path("components")
@@ -27,7 +28,10 @@ def compile_pipeline(cfg: RunConfig, path: Path) -> Path:
 
     from lmforge.pipeline.definition import build_pipeline
 
-    _compile_atomically(compiler.Compiler(), build_pipeline(cfg), path)
+    registry = cfg.cluster.image_registry
+    _compile_atomically(compiler.Compiler(), build_pipeline(cfg), path, images={
+        STEPS_IMAGE: image("steps", registry), TRAINER_IMAGE: image("trainer", registry),
+    } if registry else None)
     return path
 
 
@@ -46,13 +50,19 @@ def compile_all(out_dir: Path, cfg: RunConfig | None = None) -> list[Path]:
     return written
 
 
-def _compile_atomically(compiler: object, what: object, path: Path) -> None:
-    """A failed compile leaves the previous file in place, never half a file."""
+def _compile_atomically(compiler: object, what: object, path: Path, images: dict[str, str] | None = None) -> None:
+    """A failed compile leaves the previous file in place, never half a file. `images`: image names to
+    replace (the components are defined with lmforge's own registry; cluster.image_registry moves them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".yaml", dir=path.parent)
     os.close(fd)
     try:
         compiler.compile(what, tmp)  # type: ignore[attr-defined]
+        if images:
+            text = Path(tmp).read_text()
+            for old, new in images.items():
+                text = text.replace(f"image: {old}\n", f"image: {new}\n")
+            Path(tmp).write_text(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from typing import IO, Any
 from lmforge import __version__
 from lmforge.errors import LmforgeError
 from lmforge.pipeline.images import STEPS_IMAGE, TRAINER_IMAGE
+from lmforge.pipeline.images import image as image_in
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ def image_specs(root: Path, registry: str | None = None, roles: list[str] | None
         dockerfile, image = ROLES[role]
         tags = [image]
         if registry:
-            name = split_tag(image)[0].rsplit("/", 1)[-1]
-            tags.append(f"{registry}/{name}:{__version__}")
+            tags.append(image_in(role, registry))
         labels = {"org.opencontainers.image.version": __version__, "org.opencontainers.image.title": f"lmforge-{role}"}
         if revision:
             labels["org.opencontainers.image.revision"] = revision
