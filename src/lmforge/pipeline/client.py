@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,10 @@ def connect(host: str, token: str | None = None) -> Any:
     if token is None and sa_token.is_file():
         credentials = ServiceAccountTokenVolumeCredentials(path=str(sa_token))
     try:
-        return kfp.Client(host=host, existing_token=token, credentials=credentials)
+        with warnings.catch_warnings():
+            # "This client only works with Kubeflow Pipeline v2.0.0-beta.2 and later": said on every call.
+            warnings.simplefilter("ignore", FutureWarning)
+            return kfp.Client(host=host, existing_token=token, credentials=credentials)
     except Exception as exc:  # the constructor asks the server whether it is multi-user
         raise LmforgeError(f"cannot reach Kubeflow Pipelines at {host} ({_reason(exc)}); check --host and --token")
 
