@@ -149,7 +149,11 @@ class ClusterConfig:
     """Kubernetes settings for the compiled pipeline's pods and the training job (`lmforge run` ignores them)."""
 
     namespace: str = doc("Namespace of the Kubeflow profile the pipeline runs in; PyTorchJobs are created there.", "kubeflow")
-    service_account: str = doc("Service account of the step pods and training pods (k8s/rbac.yaml).", "lmforge-pipeline-runner")
+    service_account: str = doc(
+        "Service account of the pipeline run's pods (lmforge submit/schedule); empty: Kubeflow Pipelines' "
+        "default, pipeline-runner (default-editor in a multi-user profile), which k8s/rbac.yaml binds.",
+        "",
+    )
     s3_secret: str = doc(
         "Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional AWS_ENDPOINT_URL) become "
         "environment variables of every pod that touches S3; empty: none.",
@@ -160,6 +164,40 @@ class ClusterConfig:
         "environment variables of every pod that logs to MLflow; empty: none.",
         "lmforge-mlflow",
     )
+    image_registry: str = doc(
+        "Registry (and path) of the steps and trainer images, e.g. registry.example.com/ml, where "
+        "`lmforge images build --push` put them; empty: ghcr.io/lmforge. Tags are the package version.",
+        "",
+    )
+    cpu_request: dict[str, str] = doc(
+        "CPU request of each step's pod, by step name ('default' for steps not listed), e.g. "
+        "{preprocess: '4'}. The train step's pod only submits and watches the PyTorchJob.",
+        factory=lambda: {"default": "500m", "preprocess": "2", "evaluate": "2"},
+    )
+    memory_request: dict[str, str] = doc(
+        "Memory request of each step's pod, by step name ('default' for steps not listed), e.g. {evaluate: 8Gi}.",
+        factory=lambda: {"default": "1Gi", "preprocess": "4Gi", "evaluate": "4Gi"},
+    )
+    node_selector: dict[str, str] = doc(
+        "Node labels every step pod requires (pod nodeSelector), e.g. {kubernetes.io/arch: amd64}.", factory=dict
+    )
+    tolerations: list[dict[str, Any]] = doc(
+        "Tolerations of every step pod, as in a pod spec: [{key, operator, value, effect, tolerationSeconds}].",
+        factory=list,
+    )
+    pvc_name: str = doc(
+        "An existing ReadWriteMany PersistentVolumeClaim mounted into every pod that reads or writes "
+        "storage (k8s/pvc.yaml); empty: none, storage.root must then be s3:// (pods share no disk).",
+        "",
+    )
+    pvc_mount_path: str = doc("Where pvc_name is mounted; a local storage.root must lie under it.", "/mnt/lmforge")
+    shm_size: str = doc(
+        "Size of the in-memory /dev/shm of the steps that load data with PyTorch (train, evaluate): "
+        "DataLoader workers pass batches through it, and a container's default is 64Mi.",
+        "2Gi",
+    )
+    retries: int = doc("Retries of a step that touches the network (S3, MLflow, HTTP, the API server).", 2)
+    retry_backoff_seconds: int = doc("Wait before the first retry; doubled for each further retry.", 30)
 
 
 @dataclass(frozen=True)
@@ -456,7 +494,60 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"storage.root: {cfg.storage.root!r} (use a local path, file:// or s3://bucket/prefix)")
     if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", cfg.cluster.namespace):
         p.append(f"cluster.namespace: {cfg.cluster.namespace!r} is not a Kubernetes namespace name")
+    p.extend(validate_cluster(cfg.cluster))
     return p
+
+
+_CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")  # what KFP's set_cpu_request accepts
+_MEMORY = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")  # what KFP's set_memory_request accepts
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+def validate_cluster(c: ClusterConfig) -> list[str]:
+    """Problems of the `cluster` section: the pod settings `lmforge compile` writes into the pipeline."""
+    p: list[str] = []
+    for name, pattern, example in (("cpu_request", _CPU, "500m or 2"), ("memory_request", _MEMORY, "4Gi")):
+        for step, value in getattr(c, name).items():
+            if not pattern.match(str(value)):
+                p.append(f"cluster.{name}.{step}: {value!r} is not a Kubernetes quantity (e.g. {example})")
+    if not _MEMORY.match(c.shm_size):
+        p.append(f"cluster.shm_size: {c.shm_size!r} is not a Kubernetes quantity (e.g. 2Gi)")
+    for key, value in c.node_selector.items():
+        if not isinstance(value, str):
+            p.append(f"cluster.node_selector.{key}: {value!r} must be a string (quote it)")
+    for i, toleration in enumerate(c.tolerations):
+        if not isinstance(toleration, dict) or not set(toleration) <= _TOLERATION_KEYS:
+            p.append(f"cluster.tolerations[{i}]: use the keys {', '.join(sorted(_TOLERATION_KEYS))}")
+        elif toleration.get("operator", "Equal") not in ("Equal", "Exists"):
+            p.append(f"cluster.tolerations[{i}].operator: {toleration['operator']!r} (use Equal or Exists)")
+        elif toleration.get("effect") not in (None, "NoSchedule", "PreferNoSchedule", "NoExecute"):
+            p.append(f"cluster.tolerations[{i}].effect: {toleration['effect']!r} (NoSchedule, PreferNoSchedule, NoExecute)")
+    if c.pvc_name and not re.match(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", c.pvc_name):
+        p.append(f"cluster.pvc_name: {c.pvc_name!r} is not a Kubernetes object name")
+    if c.image_registry and not re.match(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*/?$", c.image_registry):
+        p.append(f"cluster.image_registry: {c.image_registry!r} is not a registry path like registry.example.com/ml")
+    if not c.pvc_mount_path.startswith("/"):
+        p.append(f"cluster.pvc_mount_path: {c.pvc_mount_path!r} must be an absolute path")
+    if c.retries < 0 or c.retry_backoff_seconds < 0:
+        p.append("cluster.retries and cluster.retry_backoff_seconds must be >= 0")
+    return p
+
+
+def cluster_storage_problems(cfg: RunConfig) -> list[str]:
+    """Why `cfg` cannot run as pods of a cluster: pods share no disk, so every location a later step
+    or the training job reads must be in S3 or on the shared volume (cluster.pvc_name)."""
+    root, c = cfg.storage.root, cfg.cluster
+    if root.startswith("s3://"):
+        return []
+    path = root.removeprefix("file://")
+    mount = c.pvc_mount_path.rstrip("/") + "/"
+    if c.pvc_name and path.startswith(mount):
+        return []
+    where = f"under cluster.pvc_mount_path ({c.pvc_mount_path})" if c.pvc_name else "on a shared volume (cluster.pvc_name)"
+    return [
+        f"storage.root: {root!r} is local to one pod; set the storage_root parameter (or storage.root) "
+        f"to s3://bucket/prefix, or to a path {where}"
+    ]
 
 
 def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:

@@ -112,9 +112,14 @@ def _mlflow_run(cfg: RunConfig, pipeline_run_id: str) -> str:
 
 
 @step("configure")
-def configure(config_json: str) -> ConfigureOutputs:
-    """Validate the run config once, up front, and cut out what each data stage depends on."""
-    cfg = config_mod.from_json(config_json)
+def configure(config_json: str, **parameters: Any) -> ConfigureOutputs:
+    """Validate the run config once, up front, and cut out what each data stage depends on.
+    `parameters`: the pipeline's run-form values (lmforge.run_parameters), empty or 0 for "as in config_json"."""
+    from lmforge import run_parameters
+
+    cfg = config_mod.from_dict(run_parameters.apply(json.loads(config_json), parameters))
+    if run_parameters.in_kfp_pod(os.environ):
+        cfg = run_parameters.for_cluster_pod(cfg, os.environ)
     return ConfigureOutputs(
         cfg.to_json(), config_mod.stage_json(cfg, "download"), config_mod.stage_json(cfg, "preprocess")
     )

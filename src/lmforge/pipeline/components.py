@@ -15,13 +15,20 @@ from lmforge.pipeline.images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def configure(config_json: str) -> NamedTuple(
-    "ConfigureOutputs", [("config_json", str), ("download_json", str), ("preprocess_json", str)]
-):
-    """Validate the run config; output it and the slices the cached data stages depend on."""
+def configure(
+    config_json: str, corpus_source: str = "", corpus_sha256: str = "", arch: str = "", decoder_layers: int = 0,
+    decoder_embed_dim: int = 0, max_epoch: int = 0, max_update: int = 0, lr: float = 0.0, storage_root: str = "",
+    tracking_uri: str = "", model_name: str = "",
+) -> NamedTuple("ConfigureOutputs", [("config_json", str), ("download_json", str), ("preprocess_json", str)]):
+    """Validate the run config with the run form's values applied (empty or 0: as in config_json); output it
+    and the slices the cached data stages depend on."""
     from lmforge.steps import configure as step
 
-    return step(config_json)
+    return step(
+        config_json, corpus_source=corpus_source, corpus_sha256=corpus_sha256, arch=arch,
+        decoder_layers=decoder_layers, decoder_embed_dim=decoder_embed_dim, max_epoch=max_epoch,
+        max_update=max_update, lr=lr, storage_root=storage_root, tracking_uri=tracking_uri, model_name=model_name,
+    )
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
