@@ -42,11 +42,27 @@ def test_pipeline_wires_every_step_in_order(compiled):
     out, _ = compiled
     spec = yaml.safe_load((out / PIPELINE_FILE).read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"configure", "download", "preprocess", "train", "evaluate", "register"}
+    # ParallelFor tasks are named for-loop-N; their display names say which fan-out they are.
+    loop = {t["taskInfo"]["name"]: key for key, t in tasks.items() if "parameterIterator" in t}
+    assert set(loop) == {"count-shards", "binarize-shards"}
+    assert set(tasks) == {
+        "configure", "download", "preprocess-plan", "preprocess-dictionary", "preprocess-merge", "train",
+        "evaluate", "register", *loop.values(),
+    }
     assert tasks["download"]["dependentTasks"] == ["configure"]
-    assert set(tasks["preprocess"]["dependentTasks"]) == {"configure", "download"}
-    assert set(tasks["train"]["dependentTasks"]) == {"configure", "download", "preprocess"}
-    assert set(tasks["register"]["dependentTasks"]) == {"configure", "download", "preprocess", "train", "evaluate"}
+    assert set(tasks["preprocess-plan"]["dependentTasks"]) == {"configure", "download"}
+    # map 1 fans out over the plan's shards, the reduce collects it, map 2 fans out over the reduce's
+    # output, the merge collects map 2
+    count_loop, binarize_loop = tasks[loop["count-shards"]], tasks[loop["binarize-shards"]]
+    assert count_loop["parameterIterator"]["items"]["inputParameter"].endswith("preprocess-plan-Output")
+    assert set(tasks["preprocess-dictionary"]["dependentTasks"]) == {"configure", loop["count-shards"]}
+    assert binarize_loop["parameterIterator"]["items"]["inputParameter"].endswith("preprocess-dictionary-Output")
+    assert set(tasks["preprocess-merge"]["dependentTasks"]) == {"configure", "download", loop["binarize-shards"]}
+    assert set(spec["components"][count_loop["componentRef"]["name"]]["dag"]["tasks"]) == {"preprocess-count"}
+    assert set(spec["components"][binarize_loop["componentRef"]["name"]]["dag"]["tasks"]) == {"preprocess-binarize"}
+    assert set(tasks["train"]["dependentTasks"]) == {"configure", "download", "preprocess-merge"}
+    assert set(tasks["register"]["dependentTasks"]) == {
+        "configure", "download", "preprocess-merge", "train", "evaluate"}
     # training and registration must never be served from cache
     assert tasks["train"]["cachingOptions"] == {}
     assert tasks["register"]["cachingOptions"] == {}
@@ -57,10 +73,18 @@ def test_data_stages_take_only_content_inputs(compiled):
     """KFP's cache keys on a task's inputs: a data stage that took the pipeline run id or the whole
     config would never hit, or would re-run when only the training length changed."""
     out, _ = compiled
-    tasks = yaml.safe_load((out / PIPELINE_FILE).read_text())["root"]["dag"]["tasks"]
+    spec = yaml.safe_load((out / PIPELINE_FILE).read_text())
+    tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks["download"]["inputs"]["parameters"]) == {"download_json"}
-    assert set(tasks["preprocess"]["inputs"]["parameters"]) == {"preprocess_json", "corpus_dir", "corpus_sha256"}
-    for name in ("download", "preprocess"):
+    assert set(tasks["preprocess-plan"]["inputs"]["parameters"]) == {"preprocess_json", "corpus_dir", "corpus_sha256"}
+    assert set(tasks["preprocess-dictionary"]["inputs"]["parameters"]) == {"preprocess_json", "counts"}
+    assert set(tasks["preprocess-merge"]["inputs"]["parameters"]) == {"preprocess_json", "corpus_sha256", "parts"}
+    loops = {t["taskInfo"]["name"]: spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]
+             for t in tasks.values() if "parameterIterator" in t}
+    count, binarize = loops["count-shards"]["preprocess-count"], loops["binarize-shards"]["preprocess-binarize"]
+    assert set(count["inputs"]["parameters"]) == {"preprocess_json", "corpus_dir", "shard"}
+    assert set(binarize["inputs"]["parameters"]) == {"preprocess_json", "shard"}
+    for name in ("download", "preprocess-plan", "preprocess-dictionary", "preprocess-merge"):
         assert "cachingOptions" not in tasks[name] or tasks[name]["cachingOptions"].get("enableCache", True)
 
 
@@ -74,6 +98,6 @@ def test_compiled_yaml_has_no_machine_paths(compiled):
 @pytest.mark.parametrize("component", components.ALL, ids=lambda c: c.name)
 def test_each_component_loads_on_its_own(compiled, component):
     out, _ = compiled
-    loaded = kfp_components.load_component_from_file(str(out / COMPONENTS_DIR / f"{component.name}.yaml"))
+    loaded = kfp_components.load_component_from_file(str(out / COMPONENTS_DIR / f"{component.name.replace('-', '_')}.yaml"))
     assert loaded.name == component.name
     assert set(loaded.component_spec.inputs) == set(component.component_spec.inputs)
