@@ -77,7 +77,7 @@ from lmforge import shards as shards_mod
 from lmforge import storage
 from lmforge.config import SPLITS
 from lmforge.errors import LmforgeError
-from lmforge.shards import BLOCK_BYTES, Shard
+from lmforge.shards import Shard
 from lmforge.tokenization import TOKENIZER_MANIFEST, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -308,11 +308,11 @@ def encode_block(text: str, tokenizer: Tokenizer) -> str:
 
 
 def scan_range(uri: str, start: int, end: int, tokenizer: Tokenizer, ids_file: Path,
-               block_bytes: int = BLOCK_BYTES) -> Factorizer:
+               block_bytes: int | None = None) -> Factorizer:
     """Tokenize bytes [start, end) of `uri`, writing the ids to `ids_file`; the types and counts."""
     factorizer = Factorizer()
     with open(ids_file, "wb") as out:
-        for text in shards_mod.iter_text_blocks(uri, start, end, block_bytes):
+        for text in shards_mod.iter_text_blocks(uri, start, end, block_bytes or shards_mod.BLOCK_BYTES):
             out.write(factorizer.block(encode_block(text, tokenizer)).tobytes())
     return factorizer
 
@@ -482,10 +482,11 @@ def iter_sentence_sizes(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
     assert carry == 0, "every line ends with an eos"
 
 
-def iter_ids(path: Path, chunk: int = ID_CHUNK) -> Iterator[np.ndarray]:
+def iter_ids(path: Path, chunk: int | None = None) -> Iterator[np.ndarray]:
+    """The int32 values of `path` in runs of `chunk` (default ID_CHUNK)."""
     with open(path, "rb") as f:
         while True:
-            ids = np.fromfile(f, dtype=np.int32, count=chunk)
+            ids = np.fromfile(f, dtype=np.int32, count=chunk or ID_CHUNK)
             if not len(ids):
                 return
             yield ids
