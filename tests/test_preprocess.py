@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -520,3 +520,74 @@ def test_bad_arguments_are_reported_together(tmp_path: Path) -> None:
     for part in ("workers", "nwords", "train.txt", "valid.txt", "test.txt"):
         assert part in message
     assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_in_a_later_shard_names_the_file_and_offset(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", "a b\n" * 100, "a\n", "b\n")
+    (corpus / "valid.txt").write_bytes(b"a b\n" * 50 + b"bad \xfe\n" + b"a\n" * 50)
+    with pytest.raises(LmforgeError, match=r"valid\.txt is not UTF-8 \(bad byte at offset 204\)"):
+        preprocess(corpus, tmp_path / "out", shards=3)
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_cli_preprocess_runs_the_shards_on_a_pool(wikitext_corpus: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.cli import main
+
+    out = tmp_path / "out"
+    assert main(["preprocess", "--corpus", str(wikitext_corpus), "--out", str(out), "--workers", "2",
+                 "--shards", "3", "--set", "preprocess.threshold=2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary == preprocess(wikitext_corpus, tmp_path / "again", threshold=2)
+    assert main(["preprocess", "--corpus", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- S3
+
+
+@pytest.fixture
+def recorded_requests(moto_s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[dict]]:
+    """Every request moto's server receives, as moto's recorder logs it (method, url, headers)."""
+    import requests
+    from moto.moto_api import recorder
+
+    monkeypatch.setattr(recorder, "_location", str(tmp_path / "moto-recording"))
+    requests.post(f"{moto_s3}/moto-api/recorder/reset-recording", timeout=10)
+    requests.post(f"{moto_s3}/moto-api/recorder/start-recording", timeout=10)
+    yield lambda: [json.loads(line) for line in (tmp_path / "moto-recording").read_text().splitlines()]
+    requests.post(f"{moto_s3}/moto-api/recorder/stop-recording", timeout=10)
+
+
+def test_s3_corpus_is_read_in_ranges_only(moto_s3: str, recorded_requests, wikitext_corpus: Path,
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Corpus and intermediate outputs on S3 (moto's server on 127.0.0.1), 3 shards and a BPE tokenizer
+    trained on a sample: the same data-bin as from local files, and no request for a corpus object
+    asked for all of it."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3)
+    s3 = boto3.client("s3", endpoint_url=moto_s3)
+    s3.create_bucket(Bucket="corpora")
+    for split in SPLITS:
+        s3.upload_file(str(wikitext_corpus / f"{split}.txt"), "corpora", f"wt/{split}.txt")
+    opts = {"shards": 3, "tokenizer": "bpe", "vocab_size": 400, "tokenizer_sample_bytes": 60_000}
+    recorded_requests()  # uploads are not what is checked
+    (tmp_path / "moto-recording").write_text("")
+    summary = preprocess("s3://corpora/wt", tmp_path / "from-s3", work_dir="s3://corpora/work", **opts)
+    requests_seen = recorded_requests()
+    assert summary == preprocess(wikitext_corpus, tmp_path / "local", **opts)
+    for name in FAIRSEQ_FILES + ("summary.json", "tokenizer.json", "bpe.json"):
+        assert (tmp_path / "from-s3" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+    corpus_gets = [r for r in requests_seen if r["method"] == "GET" and "/wt/" in r["url"]]
+    sizes = {f"/wt/{s}.txt": (wikitext_corpus / f"{s}.txt").stat().st_size for s in SPLITS}
+    assert len(corpus_gets) >= 2 * 3 * len(SPLITS) - 3, "the plan's probes and map 1's reads"
+    for r in corpus_gets:
+        headers = {k.lower(): v for k, v in r["headers"].items()}
+        assert "range" in headers, f"{r['url']} was fetched whole"
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        size = next(v for k, v in sizes.items() if r["url"].split("?")[0].endswith(k))
+        assert (first, last) != (0, size - 1), f"{r['url']} was fetched whole via a range"
+    assert any(r["method"] == "PUT" and "/work/count/00002/" in r["url"] for r in requests_seen)
