@@ -62,6 +62,7 @@ import multiprocessing
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -652,24 +653,31 @@ class _Progress:
         self.bar.close()
 
 
-def _run_all(fn: Callable[..., str], jobs: list[tuple], workers: int, bar: _Progress,
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool of `workers`: forked where that is safe (a worker then starts in milliseconds,
+    not the ~0.3 s of importing numpy and lmforge again), else spawned. Forking a process whose
+    threads may hold locks can deadlock the child: tokenizers' Rust thread pool (after training
+    or encoding) and torch's (fairseq imported) are such; numpy's OpenBLAS threads are not
+    (OpenBLAS re-creates them after a fork)."""
+    threaded = any(name in sys.modules for name in ("tokenizers", "torch"))
+    ctx = multiprocessing.get_context("spawn" if threaded or sys.platform != "linux" else "fork")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _run_all(fn: Callable[..., str], jobs: list[tuple], pool: ProcessPoolExecutor | None, bar: _Progress,
              sizes: list[int], names: list[str]) -> list[str]:
-    """Run `fn(*job)` for every job, in a process pool when workers > 1; results in job order."""
-    if workers == 1 or len(jobs) == 1:
+    """Run `fn(*job)` for every job, on `pool` when given; results in job order."""
+    if pool is None:
         results = []
         for job, size, name in zip(jobs, sizes, names):
             results.append(fn(*job))
             bar.update(size, name)
         return results
-    # spawn, not fork: the parent may hold threads (tokenizers' thread pool, torch when fairseq
-    # was imported), and a worker needs only this module and numpy.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        for future, size, name in zip(futures, sizes, names):
-            future.result()
-            bar.update(size, name)
-        return [f.result() for f in futures]
+    futures = [pool.submit(fn, *job) for job in jobs]
+    for future, size, name in zip(futures, sizes, names):
+        future.result()
+        bar.update(size, name)
+    return [f.result() for f in futures]
 
 
 def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int = 0, nwords: int = -1,
@@ -717,15 +725,14 @@ def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int =
         sizes = [s.nbytes for s in plan]
         names = [f"shard {s.index + 1}/{len(plan)}" for s in plan]
         bar = _Progress(2 * sum(sizes), "preprocess")
-        try:
-            counted = _run_all(count_shard, [(corpus_dir, work, s) for s in plan], workers, bar, sizes,
-                               [f"{n} counted" for n in names])
-            dictionary = build_dictionary(work, counted, settings)
-            parts = _run_all(binarize_shard, [(work, c, dictionary) for c in counted], workers, bar, sizes,
-                             [f"{n} binarized" for n in names])
-            summary = merge_shards(work, parts, dictionary, dest_dir)
-        finally:
-            bar.close()
+        stack.callback(bar.close)
+        pool = stack.enter_context(_pool(min(workers, len(plan)))) if min(workers, len(plan)) > 1 else None
+        counted = _run_all(count_shard, [(corpus_dir, work, s) for s in plan], pool, bar, sizes,
+                           [f"{n} counted" for n in names])
+        dictionary = build_dictionary(work, counted, settings)
+        parts = _run_all(binarize_shard, [(work, c, dictionary) for c in counted], pool, bar, sizes,
+                         [f"{n} binarized" for n in names])
+        summary = merge_shards(work, parts, dictionary, dest_dir)
     for name, stats in summary["splits"].items():
         logger.info("%s: %d sentences, %d tokens, %d replaced by <unk>", name, stats["sentences"], stats["tokens"],
                     stats["unk"])
