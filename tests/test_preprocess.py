@@ -590,4 +590,8 @@ def test_s3_corpus_is_read_in_ranges_only(moto_s3: str, recorded_requests, wikit
         first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
         size = next(v for k, v in sizes.items() if r["url"].split("?")[0].endswith(k))
         assert (first, last) != (0, size - 1), f"{r['url']} was fetched whole via a range"
-    assert any(r["method"] == "PUT" and "/work/count/00002/" in r["url"] for r in requests_seen)
+    # each intermediate directory's marker file is uploaded after the rest of it
+    for prefix, marker in (("/work/count/00002/", "shard.json"), ("/work/bin/00001/", "bin.json"),
+                           ("/work/dict/", "summary.json")):
+        puts = [r["url"].split("?")[0] for r in requests_seen if r["method"] == "PUT" and prefix in r["url"]]
+        assert len(puts) > 1 and puts[-1].endswith(marker), (prefix, puts)

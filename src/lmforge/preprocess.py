@@ -159,12 +159,12 @@ def replace_dir(src: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged(uri: str) -> Iterator[Path]:
+def staged(uri: str, last: str | None = None) -> Iterator[Path]:
     """A local directory whose files become the directory `uri` when the block finishes without error.
 
     Local: a temporary sibling renamed into place (readers never see half of
-    it). S3: a scratch directory uploaded file by file, each verified; the
-    caller writes a file downstream tasks check for last.
+    it). S3: a scratch directory uploaded file by file, each verified, the
+    file named `last` after all the others (its presence says the rest is there).
     """
     local = storage.local_path(uri)
     if local is not None:
@@ -179,7 +179,9 @@ def staged(uri: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as tmp:
         yield Path(tmp)
-        storage.put_dir(tmp, uri)
+        names = sorted(p.name for p in Path(tmp).iterdir())
+        for name in sorted(names, key=lambda n: n == last):
+            storage.put_file(Path(tmp) / name, storage.join(uri, name))
 
 
 @contextlib.contextmanager
@@ -225,7 +227,7 @@ def prepare(corpus_dir: str, work_dir: str, settings: Settings, shards: int) -> 
 
     started = time.perf_counter()
     tok_uri = storage.join(work_dir, "tokenizer")
-    with staged(tok_uri) as tmp:
+    with staged(tok_uri, last=TOKENIZER_MANIFEST) as tmp:
         if settings.tokenizer == "none":
             tokenization.save_none(tmp)
         elif settings.tokenizer_file:
@@ -345,7 +347,7 @@ def count_shard(corpus_dir: str, work_dir: str, shard: Shard) -> str:
     out = storage.join(work_dir, "count", shard_name(shard.index))
     with fetched_tokenizer(storage.join(work_dir, "tokenizer")) as tok_dir:
         tokenizer = load_tokenizer(tok_dir)
-        with staged(out) as tmp:
+        with staged(out, last="shard.json") as tmp:
             stats = {}
             for split, (start, end) in shard.ranges.items():
                 f = scan_range(split_uri(corpus_dir, split), start, end, tokenizer, tmp / f"{split}.ids")
@@ -449,7 +451,7 @@ def build_dictionary(work_dir: str, count_dirs: Sequence[str], settings: Setting
                 stats["tokens"] += int(counts.sum())
                 stats["unk"] += int(counts[replaced].sum())
     out = storage.join(work_dir, "dict")
-    with staged(out) as tmp:
+    with staged(out, last="summary.json") as tmp:
         (tmp / "dict.txt").write_text(dictionary_text(symbols), encoding="utf-8")
         with fetched_tokenizer(storage.join(work_dir, "tokenizer")) as tok_dir:
             tokenizer = load_tokenizer(tok_dir)
@@ -510,7 +512,7 @@ def binarize_shard(work_dir: str, count_dir: str, dictionary_dir: str) -> str:
     with fetched(dictionary_dir, ["dict.txt"]) as d:
         index = read_dictionary(d / "dict.txt")
     dtype = best_fitting_dtype(len(index))
-    with fetched(count_dir, COUNT_FILES) as src, staged(out) as tmp:
+    with fetched(count_dir, COUNT_FILES) as src, staged(out, last="bin.json") as tmp:
         stats = {}
         for split in SPLITS:
             table = id_table(read_types(src / f"{split}.types"), index).astype(dtype)
@@ -579,7 +581,7 @@ def merge_shards(work_dir: str, bin_dirs: Sequence[str], dictionary_dir: str, de
         parts = [stack.enter_context(fetched(uri, BIN_FILES)) for uri in bin_dirs]
         summary = json.loads((d / "summary.json").read_text())
         dtype = best_fitting_dtype(summary["vocab_size"])
-        with staged(dest) as tmp:
+        with staged(dest, last="summary.json") as tmp:
             for split in SPLITS:
                 stats = write_merged_split(tmp / split, parts, split, dtype)
                 want = summary["splits"][split]
