@@ -168,9 +168,11 @@ def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> Pre
 # content-addressed, so KFP's cache hits exactly when those are unchanged. No MLflow logging here.
 
 
-# The fan-outs iterate over lists of JSON shard descriptors (KFP's local runner iterates only over a
-# task's single output), and each stage adds what the next one needs: {"index", "ranges",
-# "work_dir"} from the plan, then "count", then "dictionary", then "bin" (URIs).
+# The fan-outs iterate over lists of JSON shard descriptors, and each stage adds what the next one
+# needs: {"index", "ranges", "work_dir", "preprocess_json", "corpus_dir"} from the plan, then
+# "count", then "dictionary", then "bin" (URIs). A task inside a ParallelFor takes only its
+# descriptor: KFP's local runner (2.17) iterates only over a task's single output, and it replaces
+# every input of a loop body that comes from another task's output by the loop item.
 
 
 def _descriptors_in_order(items: list) -> list[dict[str, Any]]:
@@ -194,18 +196,20 @@ def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -
     cfg = _preprocess_config(preprocess_json)
     work_dir = str(data_dir(cfg, "preprocess", config_mod.content_key(preprocess_json, corpus_sha256)))
     plan = prepare(corpus_dir, work_dir, Settings.from_config(cfg.preprocess), cfg.preprocess.shards)
-    return [json.dumps({**json.loads(shard.to_json()), "work_dir": work_dir}, sort_keys=True) for shard in plan]
+    common = {"work_dir": work_dir, "preprocess_json": preprocess_json, "corpus_dir": corpus_dir}
+    return [json.dumps({**json.loads(shard.to_json()), **common}, sort_keys=True) for shard in plan]
 
 
 @step("tokenize+count")
-def preprocess_count(preprocess_json: str, corpus_dir: str, shard: str) -> str:
+def preprocess_count(shard: str) -> str:
     """Map 1: one shard's ranges read, tokenized and counted."""
     from lmforge.preprocess import count_shard
     from lmforge.shards import Shard
 
-    _preprocess_config(preprocess_json)
     d = json.loads(shard)
-    return json.dumps({**d, "count": count_shard(corpus_dir, d["work_dir"], Shard.from_json(shard))}, sort_keys=True)
+    _preprocess_config(d["preprocess_json"])
+    return json.dumps({**d, "count": count_shard(d["corpus_dir"], d["work_dir"], Shard.from_json(shard))},
+                      sort_keys=True)
 
 
 @step("dictionary")
@@ -221,12 +225,12 @@ def preprocess_dictionary(preprocess_json: str, counts: list) -> list:
 
 
 @step("binarize")
-def preprocess_binarize(preprocess_json: str, shard: str) -> str:
+def preprocess_binarize(shard: str) -> str:
     """Map 2: one shard's ids through the dictionary into .bin parts and sentence sizes."""
     from lmforge.preprocess import binarize_shard
 
-    _preprocess_config(preprocess_json)
     d = json.loads(shard)
+    _preprocess_config(d["preprocess_json"])
     return json.dumps({**d, "bin": binarize_shard(d["work_dir"], d["count"], d["dictionary"])}, sort_keys=True)
 
 

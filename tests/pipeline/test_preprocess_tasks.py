@@ -1,5 +1,7 @@
-"""The pipeline's preprocessing tasks (plan, ParallelFor count, dictionary, ParallelFor binarize, merge),
-wired by `definition.preprocess_tasks`, run by KFP's local runner (SubprocessRunner, no Docker)."""
+"""The pipeline's data stages (configure, download, then plan, ParallelFor count, dictionary, ParallelFor
+binarize, merge as `definition.preprocess_tasks` wires them), run by KFP's local runner (SubprocessRunner,
+no Docker). The preprocess settings and the corpus come from upstream tasks' outputs, as in the real
+pipeline (the local runner treats those differently from pipeline parameters inside a loop)."""
 
 import json
 from pathlib import Path
@@ -9,15 +11,21 @@ from kfp import dsl, local
 
 from conftest import write_corpus
 from lmforge import config as config_mod
+from lmforge.pipeline import components as c
 from lmforge.pipeline.definition import preprocess_tasks
 
 FILES = ("dict.txt", "summary.json", "tokenizer.json", "bpe.json") + tuple(
     f"{s}.{e}" for s in config_mod.SPLITS for e in ("bin", "idx"))
 
 
-@dsl.pipeline(name="lmforge-preprocess-only")
-def preprocess_only(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> str:
-    return preprocess_tasks(preprocess_json, corpus_dir, corpus_sha256).outputs["data_bin"]
+@dsl.pipeline(name="lmforge-data-stages")
+def data_stages(config_json: str) -> str:
+    configure = c.configure(config_json=config_json)
+    download = c.download(download_json=configure.outputs["download_json"])
+    merge = preprocess_tasks(
+        configure.outputs["preprocess_json"], download.outputs["corpus_dir"], download.outputs["corpus_sha256"]
+    )
+    return merge.outputs["data_bin"]
 
 
 def run_local(root: Path, corpus: Path, shards: int) -> Path:
@@ -26,9 +34,7 @@ def run_local(root: Path, corpus: Path, shards: int) -> Path:
         "preprocess.tokenizer=bpe", "preprocess.vocab_size=400", "preprocess.threshold=2",
     ])
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp-local"))
-    task = preprocess_only(preprocess_json=config_mod.stage_json(cfg, "preprocess"), corpus_dir=str(corpus),
-                           corpus_sha256="0" * 64)
-    return Path(task.output)
+    return Path(data_stages(config_json=cfg.to_json()).output)
 
 
 @pytest.fixture(scope="module")

@@ -51,11 +51,11 @@ def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def preprocess_count(preprocess_json: str, corpus_dir: str, shard: str) -> str:
-    """Map 1: tokenize and count one shard, reading only its byte ranges."""
+def preprocess_count(shard: str) -> str:
+    """Map 1: tokenize and count one shard (a JSON descriptor from preprocess_plan), reading only its byte ranges."""
     from lmforge.steps import preprocess_count as step
 
-    return step(preprocess_json, corpus_dir, shard)
+    return step(shard)
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
@@ -67,11 +67,11 @@ def preprocess_dictionary(preprocess_json: str, counts: List[str]) -> List[str]:
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def preprocess_binarize(preprocess_json: str, shard: str) -> str:
-    """Map 2: binarize one shard against the dictionary (fairseq's mmap dtype)."""
+def preprocess_binarize(shard: str) -> str:
+    """Map 2: binarize one shard (a JSON descriptor from preprocess_dictionary) against the dictionary."""
     from lmforge.steps import preprocess_binarize as step
 
-    return step(preprocess_json, shard)
+    return step(shard)
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)

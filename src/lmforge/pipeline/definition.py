@@ -21,7 +21,9 @@ def preprocess_tasks(preprocess_json: Any, corpus_dir: Any, corpus_sha256: Any) 
     """Wire preprocessing (plan, map 1, reduce, map 2, merge) inside a pipeline; returns the merge task,
     whose outputs are `data_bin` and `dict_sha256`. Called from the pipeline function (and from tests,
     which run these tasks alone with KFP's local runner)."""
-    # Each fan-out iterates over JSON shard descriptors; every stage adds its output's URI to them.
+    # Each fan-out iterates over JSON shard descriptors; every stage adds its output's URI to them. A
+    # task inside a loop takes only the loop item (KFP's local runner replaces a loop body's inputs
+    # from other tasks' outputs with the item), so the descriptor carries the settings and corpus.
     # a. Tokenizer trained or loaded once; each split cut into preprocess.shards byte ranges.
     plan = c.preprocess_plan(
         preprocess_json=preprocess_json, corpus_dir=corpus_dir, corpus_sha256=corpus_sha256
@@ -29,9 +31,7 @@ def preprocess_tasks(preprocess_json: Any, corpus_dir: Any, corpus_sha256: Any) 
     plan.set_cpu_request("1").set_memory_request("2G")
     # b. Map 1: tokenize and count each shard, reading only its byte ranges.
     with dsl.ParallelFor(plan.output, name="count-shards") as shard:
-        count = c.preprocess_count(
-            preprocess_json=preprocess_json, corpus_dir=corpus_dir, shard=shard
-        ).set_display_name("tokenize+count")
+        count = c.preprocess_count(shard=shard).set_display_name("tokenize+count")
         count.set_cpu_request("1").set_memory_request("2G")
     # c. Reduce: dict.txt from all counts.
     dictionary = c.preprocess_dictionary(
@@ -40,7 +40,7 @@ def preprocess_tasks(preprocess_json: Any, corpus_dir: Any, corpus_sha256: Any) 
     dictionary.set_cpu_request("1").set_memory_request("2G")
     # d. Map 2: binarize each shard against the dictionary.
     with dsl.ParallelFor(dictionary.output, name="binarize-shards") as counted:
-        binarize = c.preprocess_binarize(preprocess_json=preprocess_json, shard=counted).set_display_name("binarize")
+        binarize = c.preprocess_binarize(shard=counted).set_display_name("binarize")
         binarize.set_cpu_request("1").set_memory_request("2G")
     # e. Shards joined in order: the data-bin train, evaluate and register read.
     merge = c.preprocess_merge(
