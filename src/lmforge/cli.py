@@ -173,13 +173,15 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from lmforge.preprocess import preprocess
+    from lmforge import storage
+    from lmforge.preprocess import preprocess, settings_kwargs
 
-    cfg = load_config(args).preprocess
-    summary = preprocess(
-        args.corpus, args.out, threshold=cfg.threshold, nwords=cfg.nwords,
-        padding_factor=cfg.padding_factor, workers=args.workers or cfg.workers,
-    )
+    cfg = load_config(args)
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    p = cfg.preprocess
+    workers = args.workers or p.workers
+    summary = preprocess(args.corpus, args.out, workers=workers, shards=args.shards or max(p.shards, workers),
+                         **settings_kwargs(p))
     print(json.dumps(summary, indent=2))
 
 
@@ -298,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="dict.txt and binarized splits, as fairseq-preprocess --only-source")
     add_config_arguments(p)
-    p.add_argument("--corpus", required=True, help="directory with train.txt, valid.txt, test.txt")
+    p.add_argument("--corpus", required=True, help="directory (or s3:// prefix) with train.txt, valid.txt, test.txt")
     p.add_argument("--out", required=True, help="output data-bin directory")
     p.add_argument("--workers", type=int, default=0, help="processes (default: preprocess.workers)")
+    p.add_argument("--shards", type=int, default=0,
+                   help="byte ranges per split (default: preprocess.shards, at least one per worker)")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="train with fairseq through the configured launcher")

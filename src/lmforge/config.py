@@ -61,11 +61,31 @@ class CorpusConfig:
 class PreprocessConfig:
     """Tokenization and the fairseq dictionary (fairseq-preprocess --only-source options)."""
 
-    tokenizer: str = doc("Tokenizer applied before counting: 'none' (whitespace tokens, as WikiText ships them).", "none")
+    tokenizer: str = doc(
+        "Tokenizer applied before counting: 'none' (whitespace tokens, as WikiText ships them), 'bpe' "
+        "(byte-level BPE, HuggingFace tokenizers) or 'sentencepiece'. Trained once on the train split "
+        "(or loaded from tokenizer_file); it is saved in the data-bin and travels with the registered model.",
+        "none",
+    )
+    model_type: str = doc("sentencepiece model type: 'bpe' or 'unigram' (tokenizer: sentencepiece only).", "bpe")
+    vocab_size: int = doc("Vocabulary size the tokenizer is trained to (bpe, sentencepiece).", 8000)
+    tokenizer_sample_bytes: int = doc(
+        "Train the tokenizer on the first this many bytes of the train split (cut at a line end); 0: all of it.", 0
+    )
+    tokenizer_file: str = doc(
+        "Use this trained tokenizer instead of training one: a HuggingFace tokenizers JSON file (bpe) or a "
+        "sentencepiece .model file; a path or s3:// URI. Empty: train.",
+        "",
+    )
+    shards: int = doc(
+        "Byte ranges each split is cut into (at line ends, as fairseq's find_offsets cuts); the pipeline runs "
+        "one tokenize+count and one binarize task per shard. The output does not depend on it.",
+        2,
+    )
     threshold: int = doc("Map words appearing fewer than threshold times to <unk> (fairseq --thresholdsrc).", 0)
     nwords: int = doc("Keep at most this many words in the dictionary, -1 for all (fairseq --nwordssrc).", -1)
     padding_factor: int = doc("Pad the dictionary size to a multiple of this (fairseq --padding-factor).", 8)
-    workers: int = doc("Processes used to count and binarize on one machine.", 1)
+    workers: int = doc("Processes `lmforge preprocess` uses on one machine (the pipeline runs one task per shard).", 1)
 
 
 @dataclass(frozen=True)
@@ -171,12 +191,14 @@ class ClusterConfig:
     )
     cpu_request: dict[str, str] = doc(
         "CPU request of each step's pod, by step name ('default' for steps not listed), e.g. "
-        "{preprocess: '4'}. The train step's pod only submits and watches the PyTorchJob.",
-        factory=lambda: {"default": "500m", "preprocess": "2", "evaluate": "2"},
+        "{preprocess: '4'}. 'preprocess' is the plan (tokenizer training), dictionary and merge tasks, "
+        "'preprocess_shard' each shard's count and binarize task. The train step's pod only submits and "
+        "watches the PyTorchJob.",
+        factory=lambda: {"default": "500m", "preprocess": "2", "preprocess_shard": "1", "evaluate": "2"},
     )
     memory_request: dict[str, str] = doc(
         "Memory request of each step's pod, by step name ('default' for steps not listed), e.g. {evaluate: 8Gi}.",
-        factory=lambda: {"default": "1Gi", "preprocess": "4Gi", "evaluate": "4Gi"},
+        factory=lambda: {"default": "1Gi", "preprocess": "4Gi", "preprocess_shard": "2Gi", "evaluate": "4Gi"},
     )
     node_selector: dict[str, str] = doc(
         "Node labels every step pod requires (pod nodeSelector), e.g. {kubernetes.io/arch: amd64}.", factory=dict
@@ -444,8 +466,20 @@ def validate(cfg: RunConfig) -> list[str]:
         if split not in SPLITS:
             p.append(f"corpus.members.{split}: unknown split (use {', '.join(SPLITS)})")
     pp = cfg.preprocess
-    if pp.tokenizer != "none":
-        p.append(f"preprocess.tokenizer: {pp.tokenizer!r} is not supported (use 'none')")
+    if pp.tokenizer not in ("none", "bpe", "sentencepiece"):
+        p.append(f"preprocess.tokenizer: {pp.tokenizer!r} is not supported (use none, bpe or sentencepiece)")
+    if pp.model_type not in ("bpe", "unigram"):
+        p.append(f"preprocess.model_type: {pp.model_type!r} (use bpe or unigram)")
+    if pp.tokenizer == "bpe" and pp.vocab_size < 257:
+        p.append(f"preprocess.vocab_size: {pp.vocab_size} is too small (byte-level BPE needs >= 257: 256 bytes + 1)")
+    elif pp.vocab_size < 8:
+        p.append(f"preprocess.vocab_size: {pp.vocab_size} must be >= 8")
+    if pp.tokenizer_sample_bytes < 0:
+        p.append(f"preprocess.tokenizer_sample_bytes: {pp.tokenizer_sample_bytes} must be >= 0 (0: all)")
+    if pp.tokenizer_file and pp.tokenizer == "none":
+        p.append("preprocess.tokenizer_file: set preprocess.tokenizer to bpe or sentencepiece to use it")
+    if pp.shards < 1:
+        p.append(f"preprocess.shards: {pp.shards} must be >= 1")
     if pp.padding_factor < 1:
         p.append(f"preprocess.padding_factor: {pp.padding_factor} must be >= 1")
     if pp.nwords == 0 or pp.nwords < -1:

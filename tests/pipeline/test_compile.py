@@ -51,11 +51,27 @@ def test_pipeline_wires_every_step_in_order(compiled):
     out, _ = compiled
     spec, _ = pipeline_docs(out / PIPELINE_FILE)
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"configure", "download", "preprocess", "train", "evaluate", "register"}
+    # ParallelFor tasks are named for-loop-N; their display names say which fan-out they are.
+    loop = {t["taskInfo"]["name"]: key for key, t in tasks.items() if "parameterIterator" in t}
+    assert set(loop) == {"count-shards", "binarize-shards"}
+    assert set(tasks) == {
+        "configure", "download", "preprocess-plan", "preprocess-dictionary", "preprocess-merge", "train",
+        "evaluate", "register", *loop.values(),
+    }
     assert tasks["download"]["dependentTasks"] == ["configure"]
-    assert set(tasks["preprocess"]["dependentTasks"]) == {"configure", "download"}
-    assert set(tasks["train"]["dependentTasks"]) == {"configure", "download", "preprocess"}
-    assert set(tasks["register"]["dependentTasks"]) == {"configure", "download", "preprocess", "train", "evaluate"}
+    assert set(tasks["preprocess-plan"]["dependentTasks"]) == {"configure", "download"}
+    # map 1 fans out over the plan's shards, the reduce collects it, map 2 fans out over the reduce's
+    # output, the merge collects map 2
+    count_loop, binarize_loop = tasks[loop["count-shards"]], tasks[loop["binarize-shards"]]
+    assert count_loop["parameterIterator"]["items"]["inputParameter"].endswith("preprocess-plan-Output")
+    assert set(tasks["preprocess-dictionary"]["dependentTasks"]) == {"configure", loop["count-shards"]}
+    assert binarize_loop["parameterIterator"]["items"]["inputParameter"].endswith("preprocess-dictionary-Output")
+    assert set(tasks["preprocess-merge"]["dependentTasks"]) == {"configure", "download", loop["binarize-shards"]}
+    assert set(spec["components"][count_loop["componentRef"]["name"]]["dag"]["tasks"]) == {"preprocess-count"}
+    assert set(spec["components"][binarize_loop["componentRef"]["name"]]["dag"]["tasks"]) == {"preprocess-binarize"}
+    assert set(tasks["train"]["dependentTasks"]) == {"configure", "download", "preprocess-merge"}
+    assert set(tasks["register"]["dependentTasks"]) == {
+        "configure", "download", "preprocess-merge", "train", "evaluate"}
     # training and registration must never be served from cache
     assert tasks["train"]["cachingOptions"] == {}
     assert tasks["register"]["cachingOptions"] == {}
@@ -66,11 +82,21 @@ def test_data_stages_take_only_content_inputs(compiled):
     """KFP's cache keys on a task's inputs: a data stage that took the pipeline run id or the whole
     config would never hit, or would re-run when only the training length changed."""
     out, _ = compiled
-    tasks = pipeline_docs(out / PIPELINE_FILE)[0]["root"]["dag"]["tasks"]
+    spec = pipeline_docs(out / PIPELINE_FILE)[0]
+    tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks["download"]["inputs"]["parameters"]) == {"download_json"}
-    assert set(tasks["preprocess"]["inputs"]["parameters"]) == {"preprocess_json", "corpus_dir", "corpus_sha256"}
-    for name in ("download", "preprocess"):
-        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+    assert set(tasks["preprocess-plan"]["inputs"]["parameters"]) == {"preprocess_json", "corpus_dir", "corpus_sha256"}
+    assert set(tasks["preprocess-dictionary"]["inputs"]["parameters"]) == {"preprocess_json", "counts"}
+    assert set(tasks["preprocess-merge"]["inputs"]["parameters"]) == {"preprocess_json", "corpus_sha256", "parts"}
+    loops = {t["taskInfo"]["name"]: spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]
+             for t in tasks.values() if "parameterIterator" in t}
+    count, binarize = loops["count-shards"]["preprocess-count"], loops["binarize-shards"]["preprocess-binarize"]
+    # inside a loop, only the shard descriptor (which carries the preprocess settings and the corpus)
+    assert set(count["inputs"]["parameters"]) == {"shard"}
+    assert set(binarize["inputs"]["parameters"]) == {"shard"}
+    for task in (tasks["download"], tasks["preprocess-plan"], tasks["preprocess-dictionary"], tasks["preprocess-merge"],
+                 count, binarize):
+        assert task["cachingOptions"] == {"enableCache": True}, task["taskInfo"]["name"]
     for name in ("configure", "train", "evaluate", "register"):
         assert tasks[name]["cachingOptions"] == {}, f"{name} is never served from cache"
 
@@ -85,7 +111,7 @@ def test_compiled_yaml_has_no_machine_paths(compiled):
 @pytest.mark.parametrize("component", components.ALL, ids=lambda c: c.name)
 def test_each_component_loads_on_its_own(compiled, component):
     out, _ = compiled
-    loaded = kfp_components.load_component_from_file(str(out / COMPONENTS_DIR / f"{component.name}.yaml"))
+    loaded = kfp_components.load_component_from_file(str(out / COMPONENTS_DIR / f"{component.name.replace('-', '_')}.yaml"))
     assert loaded.name == component.name
     assert set(loaded.component_spec.inputs) == set(component.component_spec.inputs)
 
@@ -103,7 +129,9 @@ CLUSTER = {
     "retries": 4,
     "retry_backoff_seconds": 10,
 }
-STORAGE_STEPS = ("download", "preprocess", "train", "evaluate", "register")
+PREPROCESS_STEPS = ("preprocess-plan", "preprocess-dictionary", "preprocess-merge")  # 'preprocess' in the config
+SHARD_STEPS = ("preprocess-count", "preprocess-binarize")  # inside the ParallelFor loops
+STORAGE_STEPS = ("download", *PREPROCESS_STEPS, *SHARD_STEPS, "train", "evaluate", "register")
 MLFLOW_STEPS = ("configure", "train", "evaluate", "register")
 
 
@@ -136,7 +164,7 @@ def test_resources_node_selector_and_tolerations_on_every_step(cluster_compiled)
     executors = spec["deploymentSpec"]["executors"]
     for step in ("configure", *STORAGE_STEPS):
         resources = executors[f"exec-{step}"]["container"]["resources"]
-        assert resources["resourceCpuRequest"] == ("3" if step == "preprocess" else "250m"), step
+        assert resources["resourceCpuRequest"] == ("3" if step in PREPROCESS_STEPS else "250m"), step
         assert resources["resourceMemoryRequest"] == ("6Gi" if step == "evaluate" else "512Mi"), step
         k8s = platform[f"exec-{step}"]
         assert k8s["nodeSelector"] == {"labels": {"pool": "cpu-steps"}}, step
@@ -163,7 +191,7 @@ def test_shared_memory_for_pytorch_steps_and_the_pvc_for_storage_steps(cluster_c
         assert platform[f"exec-{step}"]["emptyDirMounts"] == [
             {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "1Gi", "volumeName": "dshm"}
         ], step
-    for step in ("configure", "download", "preprocess", "register"):
+    for step in ("configure", "download", *PREPROCESS_STEPS, *SHARD_STEPS, "register"):
         assert "emptyDirMounts" not in platform[f"exec-{step}"], step
     for step in STORAGE_STEPS:
         (mount,) = platform[f"exec-{step}"]["pvcMount"]
@@ -174,7 +202,9 @@ def test_shared_memory_for_pytorch_steps_and_the_pvc_for_storage_steps(cluster_c
 
 def test_retries_with_backoff_on_network_steps(cluster_compiled):
     _, (spec, _) = cluster_compiled
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for loop in [t for t in tasks.values() if "parameterIterator" in t]:
+        tasks.update(spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"])
     for step in STORAGE_STEPS:
         assert tasks[step]["retryPolicy"] == {
             "maxRetryCount": 4, "backoffDuration": "10s", "backoffFactor": 2.0, "backoffMaxDuration": "3600s",

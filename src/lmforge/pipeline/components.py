@@ -6,7 +6,7 @@ KFP's local runner execute the same DAG without Docker. Their bodies are
 extracted as source by KFP, so each import happens inside the function.
 """
 
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Metrics, Output
@@ -50,6 +50,48 @@ def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> Nam
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
+def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> List[str]:
+    """Train or load the tokenizer once; cut every split into shards at fairseq's line boundaries."""
+    from lmforge.steps import preprocess_plan as step
+
+    return step(preprocess_json, corpus_dir, corpus_sha256)
+
+
+@dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
+def preprocess_count(shard: str) -> str:
+    """Map 1: tokenize and count one shard (a JSON descriptor from preprocess_plan), reading only its byte ranges."""
+    from lmforge.steps import preprocess_count as step
+
+    return step(shard)
+
+
+@dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
+def preprocess_dictionary(preprocess_json: str, counts: List[str]) -> List[str]:
+    """Reduce: merge the shards' counts into fairseq's dict.txt."""
+    from lmforge.steps import preprocess_dictionary as step
+
+    return step(preprocess_json, counts)
+
+
+@dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
+def preprocess_binarize(shard: str) -> str:
+    """Map 2: binarize one shard (a JSON descriptor from preprocess_dictionary) against the dictionary."""
+    from lmforge.steps import preprocess_binarize as step
+
+    return step(shard)
+
+
+@dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
+def preprocess_merge(preprocess_json: str, corpus_sha256: str, parts: List[str]) -> NamedTuple(
+    "PreprocessOutputs", [("data_bin", str), ("dict_sha256", str)]
+):
+    """Join the binarized shards in order into the data-bin, byte-identical to fairseq-preprocess."""
+    from lmforge.steps import preprocess_merge as step
+
+    return step(preprocess_json, corpus_sha256, parts)
+
+
+@dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
 def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str) -> str:
     """Train with fairseq through the configured launcher; output the best checkpoint."""
     from lmforge.steps import train as step
@@ -78,4 +120,7 @@ def register(
     return step(config_json, pipeline_run_id, data_bin, checkpoint, corpus_sha256, dict_sha256, perplexity)
 
 
-ALL = [configure, download, preprocess, train, evaluate, register]
+ALL = [
+    configure, download, preprocess, preprocess_plan, preprocess_count, preprocess_dictionary, preprocess_binarize,
+    preprocess_merge, train, evaluate, register,
+]

@@ -31,6 +31,50 @@ PIPELINE_DESCRIPTION = "Train, evaluate and register a fairseq language model."
 DEFAULT_CONFIG_JSON = config_mod.default_config().to_json()
 
 
+def preprocess_tasks(preprocess_json: Any, corpus_dir: Any, corpus_sha256: Any) -> dsl.PipelineTask:
+    """Wire preprocessing (plan, map 1, reduce, map 2, merge) inside a pipeline; returns the merge task,
+    whose outputs are `data_bin` and `dict_sha256`. Called from the pipeline function (and from tests,
+    which run these tasks alone with KFP's local runner)."""
+    cluster = ts.cluster()
+    # Each fan-out iterates over JSON shard descriptors; every stage adds its output's URI to them. A
+    # task inside a loop takes only the loop item (KFP's local runner replaces a loop body's inputs
+    # from other tasks' outputs with the item), so the descriptor carries the settings and corpus.
+    # a. Tokenizer trained or loaded once; each split cut into preprocess.shards byte ranges.
+    plan = c.preprocess_plan(
+        preprocess_json=preprocess_json, corpus_dir=corpus_dir, corpus_sha256=corpus_sha256
+    ).set_display_name("preprocess plan")
+    ts.data_stage(plan, cluster, "preprocess")
+    ts.uses_storage(plan, cluster)
+    ts.network_step(plan, cluster)
+    # b. Map 1: tokenize and count each shard, reading only its byte ranges.
+    with dsl.ParallelFor(plan.output, name="count-shards") as shard:
+        count = c.preprocess_count(shard=shard).set_display_name("tokenize+count")
+        ts.data_stage(count, cluster, "preprocess_shard")
+        ts.uses_storage(count, cluster)
+        ts.network_step(count, cluster)
+    # c. Reduce: dict.txt from all counts.
+    dictionary = c.preprocess_dictionary(
+        preprocess_json=preprocess_json, counts=dsl.Collected(count.output)
+    ).set_display_name("dictionary")
+    ts.data_stage(dictionary, cluster, "preprocess")
+    ts.uses_storage(dictionary, cluster)
+    ts.network_step(dictionary, cluster)
+    # d. Map 2: binarize each shard against the dictionary.
+    with dsl.ParallelFor(dictionary.output, name="binarize-shards") as counted:
+        binarize = c.preprocess_binarize(shard=counted).set_display_name("binarize")
+        ts.data_stage(binarize, cluster, "preprocess_shard")
+        ts.uses_storage(binarize, cluster)
+        ts.network_step(binarize, cluster)
+    # e. Shards joined in order: the data-bin train, evaluate and register read.
+    merge = c.preprocess_merge(
+        preprocess_json=preprocess_json, corpus_sha256=corpus_sha256, parts=dsl.Collected(binarize.output)
+    ).set_display_name("merge")
+    ts.data_stage(merge, cluster, "preprocess")
+    ts.uses_storage(merge, cluster)
+    ts.network_step(merge, cluster)
+    return merge
+
+
 def pipeline_func(
     config_json: str = DEFAULT_CONFIG_JSON, corpus_source: str = "", corpus_sha256: str = "", arch: str = "",
     decoder_layers: int = 0, decoder_embed_dim: int = 0, max_epoch: int = 0, max_update: int = 0, lr: float = 0.0,
@@ -57,14 +101,11 @@ def pipeline_func(
     ts.uses_storage(download, cluster)
     ts.network_step(download, cluster)
 
-    # 3. Dictionary and binarized splits, cached on the preprocess settings and the corpus digest.
-    preprocess = c.preprocess(
-        preprocess_json=configure.outputs["preprocess_json"], corpus_dir=download.outputs["corpus_dir"],
-        corpus_sha256=download.outputs["corpus_sha256"],
-    ).set_display_name("preprocess")
-    ts.data_stage(preprocess, cluster, "preprocess")
-    ts.uses_storage(preprocess, cluster)
-    ts.network_step(preprocess, cluster)
+    # 3. Dictionary and binarized splits: a map-reduce over shards of every split (preprocess_tasks),
+    #    each task cached on the preprocess settings, the corpus digest and its upstream outputs.
+    preprocess = preprocess_tasks(
+        configure.outputs["preprocess_json"], download.outputs["corpus_dir"], download.outputs["corpus_sha256"]
+    )
 
     # 4. Training (never cached: a re-run means new weights are wanted). It also records the
     #    config, corpus and data-bin in the run's MLflow run, since the data stages may be cached.
