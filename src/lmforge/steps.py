@@ -112,9 +112,14 @@ def _mlflow_run(cfg: RunConfig, pipeline_run_id: str) -> str:
 
 
 @step("configure")
-def configure(config_json: str) -> ConfigureOutputs:
-    """Validate the run config once, up front, and cut out what each data stage depends on."""
-    cfg = config_mod.from_json(config_json)
+def configure(config_json: str, **parameters: Any) -> ConfigureOutputs:
+    """Validate the run config once, up front, and cut out what each data stage depends on.
+    `parameters`: the pipeline's run-form values (lmforge.run_parameters), empty or 0 for "as in config_json"."""
+    from lmforge import run_parameters
+
+    cfg = config_mod.from_dict(run_parameters.apply(json.loads(config_json), parameters))
+    if run_parameters.in_kfp_pod(os.environ):
+        cfg = run_parameters.for_cluster_pod(cfg, os.environ)
     return ConfigureOutputs(
         cfg.to_json(), config_mod.stage_json(cfg, "download"), config_mod.stage_json(cfg, "preprocess")
     )
@@ -178,14 +183,97 @@ def log_run_inputs(cfg: RunConfig, corpus_dir: str, data_bin: str) -> None:
 def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> PreprocessOutputs:
     """Cached by KFP on its inputs: the preprocess settings and the corpus (by digest)."""
     from lmforge.preprocess import preprocess as build
+    from lmforge.preprocess import settings_kwargs
 
     cfg = config_mod.from_stage_json(preprocess_json)
     out = Path(data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256)))
     p = cfg.preprocess
-    summary = build(
-        corpus_dir, out, threshold=p.threshold, nwords=p.nwords, padding_factor=p.padding_factor, workers=p.workers
-    )
+    summary = build(corpus_dir, out, workers=p.workers, shards=max(p.shards, p.workers), **settings_kwargs(p))
     return PreprocessOutputs(str(out), summary["dict_sha256"])
+
+
+# --------------------------------------------------------------------------- preprocessing as map-reduce
+# plan -> count (one task per shard) -> dictionary -> binarize (one per shard) -> merge; see
+# lmforge.preprocess. Each takes only the preprocess settings, the corpus and upstream outputs, all
+# content-addressed, so KFP's cache hits exactly when those are unchanged. No MLflow logging here.
+
+
+# The fan-outs iterate over lists of JSON shard descriptors, and each stage adds what the next one
+# needs: {"index", "ranges", "work_dir", "preprocess_json", "corpus_dir"} from the plan, then
+# "count", then "dictionary", then "bin" (URIs). A task inside a ParallelFor takes only its
+# descriptor: KFP's local runner (2.17) iterates only over a task's single output, and it replaces
+# every input of a loop body that comes from another task's output by the loop item.
+
+
+def _descriptors_in_order(items: list) -> list[dict[str, Any]]:
+    """Shard descriptors collected from a fan-out, in shard order (a collection's order is not promised)."""
+    return sorted((json.loads(x) for x in items), key=lambda d: int(d["index"]))
+
+
+def _preprocess_config(preprocess_json: str) -> RunConfig:
+    from lmforge import storage
+
+    cfg = config_mod.from_stage_json(preprocess_json)
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    return cfg
+
+
+@step("preprocess plan")
+def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> list:
+    """Tokenizer trained (or loaded) once, and the shard plan: one JSON descriptor per shard."""
+    from lmforge.preprocess import Settings, prepare
+
+    cfg = _preprocess_config(preprocess_json)
+    work_dir = str(data_dir(cfg, "preprocess", config_mod.content_key(preprocess_json, corpus_sha256)))
+    plan = prepare(corpus_dir, work_dir, Settings.from_config(cfg.preprocess), cfg.preprocess.shards)
+    common = {"work_dir": work_dir, "preprocess_json": preprocess_json, "corpus_dir": corpus_dir}
+    return [json.dumps({**json.loads(shard.to_json()), **common}, sort_keys=True) for shard in plan]
+
+
+@step("tokenize+count")
+def preprocess_count(shard: str) -> str:
+    """Map 1: one shard's ranges read, tokenized and counted."""
+    from lmforge.preprocess import count_shard
+    from lmforge.shards import Shard
+
+    d = json.loads(shard)
+    _preprocess_config(d["preprocess_json"])
+    return json.dumps({**d, "count": count_shard(d["corpus_dir"], d["work_dir"], Shard.from_json(shard))},
+                      sort_keys=True)
+
+
+@step("dictionary")
+def preprocess_dictionary(preprocess_json: str, counts: list) -> list:
+    """Reduce: dict.txt from every shard's counts; the shards again, in order, for map 2."""
+    from lmforge.preprocess import Settings, build_dictionary
+
+    cfg = _preprocess_config(preprocess_json)
+    shards = _descriptors_in_order(counts)
+    work_dir = shards[0]["work_dir"]
+    dictionary = build_dictionary(work_dir, [d["count"] for d in shards], Settings.from_config(cfg.preprocess))
+    return [json.dumps({**d, "dictionary": dictionary}, sort_keys=True) for d in shards]
+
+
+@step("binarize")
+def preprocess_binarize(shard: str) -> str:
+    """Map 2: one shard's ids through the dictionary into .bin parts and sentence sizes."""
+    from lmforge.preprocess import binarize_shard
+
+    d = json.loads(shard)
+    _preprocess_config(d["preprocess_json"])
+    return json.dumps({**d, "bin": binarize_shard(d["work_dir"], d["count"], d["dictionary"])}, sort_keys=True)
+
+
+@step("merge")
+def preprocess_merge(preprocess_json: str, corpus_sha256: str, parts: list) -> PreprocessOutputs:
+    """The shards joined in order into the data-bin (dict.txt, .bin/.idx, summary.json, tokenizer)."""
+    from lmforge.preprocess import merge_shards
+
+    cfg = _preprocess_config(preprocess_json)
+    shards = _descriptors_in_order(parts)
+    out = str(data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256)))
+    summary = merge_shards(shards[0]["work_dir"], [d["bin"] for d in shards], shards[0]["dictionary"], out)
+    return PreprocessOutputs(out, summary["dict_sha256"])
 
 
 @step("train")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ def environment_problems(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> 
 
 def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> None:
     """Raise one error naming every problem found before launch."""
+    cfg = config_mod.resolve_launcher(cfg, os.environ)
     problems = data_problems(cfg, data_bin)
     problems += environment_problems(cfg, data_bin, checkpoint_uri)
     if problems:
@@ -135,6 +137,7 @@ def train(
     pipeline_run_id: str = "",
 ) -> dict[str, Any]:
     """Train to the end of the config's schedule (resuming what the checkpoint location holds); the summary."""
+    cfg = config_mod.resolve_launcher(cfg, os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
     preflight(cfg, data_bin, checkpoint_uri)
     resumable = checkpoints.read_manifest(checkpoint_uri)["checkpoints"]
@@ -164,6 +167,7 @@ def dry_run(cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path) ->
     from lmforge.fairseq_args import Placement, train_args
     from lmforge.worker import stage_data
 
+    cfg = config_mod.resolve_launcher(cfg, os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
     preflight(cfg, data_bin, checkpoint_uri)
     import torch

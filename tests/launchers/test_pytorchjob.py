@@ -80,7 +80,7 @@ def test_rendered_job_passes_admission_and_its_pod_templates_validate(case):
         (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
         (volume,) = [v for v in pod_spec["volumes"] if v["name"] == shm["name"]]
         assert volume["emptyDir"]["medium"] == "Memory"
-        assert pod_spec["serviceAccountName"] == cfg.cluster.service_account
+        assert pod_spec.get("serviceAccountName") == (cfg.cluster.service_account or None)
         assert pod_spec.get("nodeSelector") == (dict(cfg.train.pytorchjob.node_selector) or None)
         assert pod_spec.get("tolerations") == (list(cfg.train.pytorchjob.tolerations) or None)
 
@@ -332,9 +332,18 @@ def test_sigterm_deletes_the_job_and_exits_143(cluster, tmp_path):
 
 
 def test_the_compiled_pipeline_trains_as_a_pytorchjob_and_lmforge_run_locally():
-    from lmforge.pipeline.definition import DEFAULT_CONFIG_JSON
+    """train.launcher 'auto' (the default) is pytorchjob in a pod of the compiled pipeline, local elsewhere;
+    `lmforge run` resolves it with no environment at all."""
+    compiled = config.from_json(json.dumps(_compiled_default_config()))
+    assert compiled.train.launcher == "auto"
+    assert config.resolve_launcher(compiled, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).train.launcher == "pytorchjob"
+    assert config.resolve_launcher(compiled, {}).train.launcher == "local"
+    explicit = config.load(TINY_CONFIG, ["train.launcher=local"])
+    assert config.resolve_launcher(explicit, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).train.launcher == "local"
 
-    assert config.from_json(DEFAULT_CONFIG_JSON).train.launcher == "pytorchjob"
-    assert '"launcher": "pytorchjob"' in (REPO / "pipelines" / "lmforge.yaml").read_text()
-    for shipped in ("tiny", "wikitext-2"):  # what `lmforge run --config ...` starts from
-        assert config.load(config.shipped_config_path(shipped)).train.launcher == "local"
+
+def _compiled_default_config() -> dict:
+    import yaml
+
+    pipeline = next(yaml.safe_load_all((REPO / "pipelines" / "lmforge.yaml").read_text()))
+    return json.loads(pipeline["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])
