@@ -85,10 +85,14 @@ def environment_problems(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> 
         if gpus and t.nnodes * t.nproc > gpus:
             problems.append(f"train.nproc: {t.nnodes} x {t.nproc} processes but {gpus} GPU(s): one process per GPU")
     else:
+        c = cfg.cluster
+        shared = c.pvc_mount_path.rstrip("/") + "/" if c.pvc_name else None
         for what, location in (("data-bin", data_bin), ("checkpoint location", checkpoint_uri)):
-            if not storage.is_remote(location):
+            path = storage.local_path(location)
+            if path is not None and not (shared and str(path).startswith(shared)):
                 problems.append(
-                    f"train.launcher: pytorchjob pods cannot read the local {what} {location}; set storage.root to s3://..."
+                    f"train.launcher: pytorchjob pods cannot read the local {what} {location}; set storage.root "
+                    "to s3://... (or to a path under cluster.pvc_mount_path with cluster.pvc_name)"
                 )
         from lmforge.launchers import pytorchjob
 

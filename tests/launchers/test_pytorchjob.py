@@ -46,6 +46,7 @@ CASES = {
                            "train.pytorchjob.node_selector={pool: cpu}", "train.pytorchjob.tolerations=[]"],
     "4 nodes x 8 GPUs": ["train.nnodes=4", "train.nproc=8", "train.pytorchjob.backoff_limit=10",
                          "train.pytorchjob.clean_pod_policy=All"],
+    "shared volume": ["cluster.pvc_name=lmforge-data", "storage.root=/mnt/lmforge/runs"],
 }
 
 
@@ -83,6 +84,10 @@ def test_rendered_job_passes_admission_and_its_pod_templates_validate(case):
         assert pod_spec.get("serviceAccountName") == (cfg.cluster.service_account or None)
         assert pod_spec.get("nodeSelector") == (dict(cfg.train.pytorchjob.node_selector) or None)
         assert pod_spec.get("tolerations") == (list(cfg.train.pytorchjob.tolerations) or None)
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod_spec["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == ([cfg.cluster.pvc_name] if cfg.cluster.pvc_name else [])
+        if claims:
+            assert {"name": "shared", "mountPath": cfg.cluster.pvc_mount_path} in container["volumeMounts"]
 
 
 def test_admission_rules_reject_what_the_operator_rejects():

@@ -114,7 +114,9 @@ def build(cfg: RunConfig, worker_args: list[str], name: str, *, run: str = "") -
             capabilities=k8s.V1Capabilities(drop=["ALL"]),
         ),
         volume_mounts=[k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
-                       k8s.V1VolumeMount(name="scratch", mount_path=CACHE_MOUNT)],
+                       k8s.V1VolumeMount(name="scratch", mount_path=CACHE_MOUNT)]
+        # the shared volume of a cluster without S3 (cluster.pvc_name), where data and checkpoints live
+        + ([k8s.V1VolumeMount(name="shared", mount_path=c.pvc_mount_path)] if c.pvc_name else []),
     )
     pod = k8s.V1PodSpec(
         service_account_name=c.service_account or None,
@@ -133,7 +135,8 @@ def build(cfg: RunConfig, worker_args: list[str], name: str, *, run: str = "") -
             # workers; this one counts against the memory limit.
             k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=j.shm_size)),
             k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=j.cache_size)),
-        ],
+        ] + ([k8s.V1Volume(name="shared", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=c.pvc_name))] if c.pvc_name else []),
     )
     template = k8s.V1PodTemplateSpec(
         metadata=k8s.V1ObjectMeta(
