@@ -184,3 +184,30 @@ def hub_expected(tiny_hub, scored_texts):
 def reference_scores(tiny_hub):
     """text -> per-token log-probabilities of its words and eos (`reference_positional_scores`)."""
     return lambda text: reference_positional_scores(tiny_hub, text)
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server), with credentials in the environment.
+
+    Yields the endpoint URL; tests create their own buckets. AWS_ENDPOINT_URL is
+    set for the whole session so subprocesses (KFP's local runner) see it too.
+    """
+    pytest.importorskip("moto")
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
