@@ -13,31 +13,27 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmforge.uris import parse_location
+from lmforge import storage
 
 
 @contextlib.contextmanager
 def local_dir(uri: str | Path) -> Iterator[Path]:
-    location = parse_location(uri)
-    if not location.is_remote:
-        yield location.path
+    path = storage.local_path(uri)
+    if path is not None:
+        yield path
         return
-    from lmforge import storage  # lazily: only pods reading S3 need it
-
     with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as tmp:
-        storage.get_dir(str(uri), tmp)
+        storage.get_dir(uri, tmp)
         yield Path(tmp)
 
 
 @contextlib.contextmanager
 def local_file(uri: str | Path) -> Iterator[Path]:
-    location = parse_location(uri)
-    if not location.is_remote:
-        yield location.path
+    path = storage.local_path(uri)
+    if path is not None:
+        yield path
         return
-    from lmforge import storage
-
     with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as tmp:
-        dest = Path(tmp) / location.name
-        storage.get_file(str(uri), str(dest))
+        dest = Path(tmp) / str(uri).rstrip("/").rsplit("/", 1)[-1]
+        storage.get_file(uri, dest)
         yield dest

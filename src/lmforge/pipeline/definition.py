@@ -46,16 +46,16 @@ def lmforge_pipeline(config_json: str = DEFAULT_CONFIG_JSON) -> NamedTuple(
     )
     train.set_display_name("train").set_caching_options(False)
 
-    # 5. Perplexity on the held-out split.
+    # 5. Perplexity on the held-out splits, with the evaluation's identity (what makes two comparable).
     evaluate = c.evaluate(
         config_json=config, pipeline_run_id=run_id, data_bin=preprocess.outputs["data_bin"], checkpoint=train.output
     ).set_display_name("evaluate")
 
-    # 6. Registration in the MLflow model registry (never cached).
+    # 6. Registration in the MLflow model registry through the promotion gate (never cached).
     register = c.register(
         config_json=config, pipeline_run_id=run_id, data_bin=preprocess.outputs["data_bin"],
         checkpoint=train.output, corpus_sha256=download.outputs["corpus_sha256"],
-        dict_sha256=preprocess.outputs["dict_sha256"], perplexity=evaluate.outputs["perplexity"],
+        dict_sha256=preprocess.outputs["dict_sha256"], evaluation_json=evaluate.outputs["evaluation_json"],
     )
     register.set_display_name("register").set_caching_options(False)
 
