@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import nudged_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.register import register_model, serving_requirements
 
@@ -38,15 +39,7 @@ def evaluation(perplexity: float, **identity) -> dict:
 
 
 def variant(lm, directory: Path, k: int) -> Path:
-    """A copy of the tiny LM's checkpoint with one weight nudged: another checkpoint (sha256), same shapes."""
-    import torch
-
-    state = torch.load(lm.checkpoint, map_location="cpu", weights_only=False)
-    key = next(k for k in state["model"] if k.endswith("bias"))
-    state["model"][key] = state["model"][key] + 1e-3 * k
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / f"checkpoint{k}.pt")
-    return directory / f"checkpoint{k}.pt"
+    return nudged_checkpoint(lm.checkpoint, directory, k)
 
 
 def assert_scores_like_fairseq(out: pd.DataFrame, expected: pd.DataFrame) -> None:
