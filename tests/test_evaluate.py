@@ -124,8 +124,9 @@ def test_checkpoint_without_its_dictionary_is_a_one_line_error(eval_bin, checkpo
     assert "\n" not in str(err.value)
 
 
-def test_evaluate_step_writes_kfp_metrics_mlflow_metrics_and_identity(eval_bin, checkpoint, tmp_path, empty_mlflow_db):
-    """The step as the KFP component calls it, with a real kfp.dsl.Metrics artifact and MLflow on SQLite."""
+def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflow_db):
+    """The steps as the KFP components call them, with a real kfp.dsl.Metrics artifact and MLflow on
+    SQLite: evaluate's result goes to KFP, MLflow and metrics.json; register records it with the model."""
     from kfp.dsl import Metrics
     from mlflow import MlflowClient
 
@@ -147,3 +148,14 @@ def test_evaluate_step_writes_kfp_metrics_mlflow_metrics_and_identity(eval_bin, 
     assert run.data.metrics["test_perplexity"] == pytest.approx(out.perplexity)
     assert run.data.metrics["valid_loss_base2"] == pytest.approx(evaluation["splits"]["valid"]["loss_base2"])
     assert run.data.tags["lmforge.eval_identity"] == evaluation["identity_sha256"]
+
+    registered = steps.register(
+        cfg.to_json(), "run-1", str(eval_bin), str(checkpoint), "a" * 64, evaluation["identity"]["dict_sha256"],
+        out.evaluation_json,
+    )
+    assert registered.model_uri == "models:/tiny-transformer-lm@champion" and registered.mlflow_run_id == run.info.run_id
+    tags = client.get_model_version("tiny-transformer-lm", registered.version).tags
+    assert tags["eval_identity"] == evaluation["identity_sha256"]
+    assert json.loads(tags["eval_identity_json"]) == evaluation["identity"]
+    assert float(tags["eval_perplexity"]) == out.perplexity
+    assert (tags["corpus_sha256"], tags["pipeline_run_id"], tags["config_hash"]) == ("a" * 64, "run-1", cfg.config_hash())
