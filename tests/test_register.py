@@ -221,3 +221,16 @@ def test_an_unknown_run_id_is_a_one_line_error(tiny_lm, tracking):
         register(tiny_lm, tracking, run_id="0" * 32)
     assert "\n" not in str(err.value) and "not found" in str(err.value)
     _assert_nothing_registered(client)
+
+
+def test_cli_register_without_the_dictionary_is_a_one_line_error(tiny_lm, tmp_path, capsys):
+    from lmforge.cli import main
+
+    bare = tmp_path / "data-bin"
+    bare.mkdir()
+    status = main(["register", "--config", str(Path(__file__).parents[1] / "pipelines/configs/tiny.yaml"),
+                   "--set", f"storage.root={tmp_path / 'runs'}", "--data-bin", str(bare),
+                   "--checkpoint", str(tiny_lm.checkpoint)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err[-1].startswith("lmforge: error: checkpoint without its dictionary: ")
+    assert not (tmp_path / "runs").exists()  # nothing created, not even a tracking run
