@@ -172,9 +172,10 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
         self, checkpoint: str | os.PathLike, dict_path: str | os.PathLike, device: str,
         tokenizer_dir: str | os.PathLike | None = None,
     ) -> None:
-        from lmforge.tokenization import Tokenizer, load_tokenizer
+        from lmforge.tokenization import load_tokenizer
 
-        self._tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else Tokenizer()
+        # No tokenizer directory (a model logged before tokenizers were packaged): whitespace tokens.
+        self._tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else _Whitespace()
         hub_utils = _import_fairseq_hub_utils()
 
         checkpoint, dict_path = Path(checkpoint).resolve(), Path(dict_path).resolve()
@@ -314,6 +315,18 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
                 # .sum() of an empty tensor is 0.0, as the hub gives for an empty text.
                 results[i] = (float(words.sum()), int(words.numel()), float(positional[-1]))
         return results  # type: ignore[return-value]
+
+
+class _Whitespace:
+    """The tokenizer of kind "none": text is already space-separated tokens."""
+
+    kind, sha256 = "none", ""
+
+    def encode(self, text: str) -> str:
+        return text
+
+    def decode(self, tokens: str) -> str:
+        return tokens
 
 
 def _params(params: dict | None) -> dict[str, Any]:
