@@ -168,7 +168,11 @@ def test_role_grants_exactly_what_the_train_step_needs() -> None:
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"],
     }
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner"}]
+    # The pipeline pods' ServiceAccount: standalone KFP's and multi-user Kubeflow's, nothing else.
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pipeline-runner"}, {"kind": "ServiceAccount", "name": "default-editor"},
+    ]
+    assert not any(rule["resources"] == ["secrets"] or "secrets" in rule["resources"] for rule in role["rules"])
 
 
 def test_nothing_is_cluster_scoped_or_pinned_to_a_namespace() -> None:
@@ -285,3 +289,18 @@ def test_mlflow_server() -> None:
     (port,) = service["spec"]["ports"]
     assert port["port"] == 5000
     assert port["targetPort"] in {p["name"] for p in container["ports"]}
+
+
+def test_the_compiled_pipelines_secrets_have_templates() -> None:
+    """Every Secret key the compiled pipeline's pods read (lmforge.pipeline.task_settings) has a template,
+    under the name the default config gives (cluster.s3_secret, cluster.mlflow_secret)."""
+    from lmforge import config as config_mod
+    from lmforge.pipeline import task_settings
+
+    cluster = config_mod.default_config().cluster
+    templates = {s["metadata"]["name"]: set(s["stringData"]) for s in docs(SECRETS_TEMPLATE)}
+    assert set(task_settings.S3_KEYS + task_settings.S3_OPTIONAL_KEYS) <= templates[cluster.s3_secret]
+    assert set(task_settings.MLFLOW_OPTIONAL_KEYS) - {"MLFLOW_TRACKING_TOKEN"} <= templates[cluster.mlflow_secret]
+    compiled = (REPO / "pipelines" / "lmforge.yaml").read_text()
+    for name in (cluster.s3_secret, cluster.mlflow_secret):
+        assert f"secretName: {name}" in compiled, name

@@ -1,8 +1,11 @@
-"""lmforge.preprocess against the real fairseq-preprocess, byte for byte.
+"""lmforge.preprocess against the real fairseq-preprocess, byte for byte, for any number of shards.
 
 The reference outputs come from fairseq's own console script
 (`fairseq-preprocess` next to sys.executable). Importing fairseq costs 5-10 s,
 so one background subprocess runs every reference job (see `FairseqReference`).
+With a tokenizer, the reference is fairseq-preprocess on the corpus encoded
+line by line by the same tokenizer (the one lmforge trained and saved in its
+data-bin). S3 runs against moto's real server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -10,20 +13,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lmforge import preprocess as pp
 from lmforge.errors import LmforgeError
-from lmforge.preprocess import (
-    SPLITS,
-    chunk_offsets,
-    merge_scans,
-    preprocess,
-    scan_range,
-)
+from lmforge.preprocess import SPLITS, finalize_dictionary, preprocess
+from lmforge.tokenization import load_tokenizer
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 FAIRSEQ_PREPROCESS = Path(sys.executable).with_name("fairseq-preprocess")
@@ -36,6 +35,18 @@ WIKITEXT_OPTIONS = {
     "threshold2-nwords1000": {"threshold": 2, "nwords": 1000, "padding_factor": 8},
     "padding1": {"padding_factor": 1},
 }
+
+SHARD_COUNTS = [1, 2, 3, 7]
+# Tokenizer settings compared on WikiText (vocabularies small enough to train in well under a second).
+TOKENIZERS = {
+    "none": {},
+    "bpe": {"tokenizer": "bpe", "vocab_size": 500},
+    "sentencepiece-bpe": {"tokenizer": "sentencepiece", "model_type": "bpe", "vocab_size": 500},
+    "sentencepiece-unigram": {"tokenizer": "sentencepiece", "model_type": "unigram", "vocab_size": 500},
+}
+
+# Multi-byte characters on every line, so that most cut points land inside one.
+MULTIBYTE = "".join(f"{'日本語' * (i % 7)} é ü {'😀' * (i % 3)} línea {i % 11}\n" for i in range(80))
 
 # fairseq picks the .bin dtype from len(dictionary): uint16 below 65500, else uint32
 # (fairseq.data.indexed_dataset.best_fitting_int_dtype). nwords puts the size on
@@ -82,8 +93,9 @@ def write_corpus(root: Path, train: str, valid: str, test: str) -> Path:
 
 
 def fairseq_args(corpus: Path, dest: Path, *, threshold: int = 0, nwords: int = -1,
-                 padding_factor: int = 8) -> list[str]:
+                 padding_factor: int = 8, workers: int = 1) -> list[str]:
     return [
+        "--workers", str(workers),
         "--only-source",
         "--trainpref", str(corpus / "train.txt"),
         "--validpref", str(corpus / "valid.txt"),
@@ -156,7 +168,9 @@ def first_difference(a: bytes, b: bytes) -> int | None:
 
 
 def assert_same_as_fairseq(ours: Path, theirs: Path) -> None:
-    assert sorted(p.name for p in ours.iterdir()) == sorted(FAIRSEQ_FILES + ("summary.json",))
+    tokenizer_files = tuple(f.name for f in load_tokenizer(ours).files())
+    assert "tokenizer.json" in tokenizer_files, "the data-bin always holds the tokenizer manifest"
+    assert sorted(p.name for p in ours.iterdir()) == sorted(FAIRSEQ_FILES + ("summary.json",) + tokenizer_files)
     for name in FAIRSEQ_FILES:
         a, b = (ours / name).read_bytes(), (theirs / name).read_bytes()
         at = first_difference(a, b)
@@ -182,7 +196,7 @@ def wikitext_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     test = (WIKITEXT / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
     return write_corpus(
         tmp_path_factory.mktemp("wikitext") / "corpus",
-        train="".join(valid[:2000]), valid="".join(valid[2000:2500]), test="".join(test[:500]),
+        train="".join(valid[:1200]), valid="".join(valid[1200:1400]), test="".join(test[:300]),
     )
 
 
@@ -192,21 +206,63 @@ def edge_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def multibyte_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Multi-byte characters at the cut points; no final newline in train and valid."""
+    return write_corpus(tmp_path_factory.mktemp("multibyte") / "corpus", MULTIBYTE + "日本語 no newline",
+                        MULTIBYTE[:400] + "ü", MULTIBYTE[-300:])
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fewer lines than shards."""
+    return write_corpus(tmp_path_factory.mktemp("tiny") / "corpus", "a b\nb c\n", "a\n", "c d\n")
+
+
+@pytest.fixture(scope="module")
 def big_vocab_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("bigvocab") / "corpus", big_vocab_train(), "w00001 w69999 nope\n",
                         "w00000\n")
 
 
+def encode_corpus(corpus: Path, tokenizer_dir: Path, dest: Path) -> Path:
+    """`corpus` with every line (fairseq's lines: universal newlines) replaced by the tokenizer's output."""
+    tok = load_tokenizer(tokenizer_dir)
+    texts = {}
+    for split in SPLITS:
+        with open(corpus / f"{split}.txt", encoding="utf-8") as f:
+            texts[split] = "".join(tok.encode(line.rstrip("\n")) + "\n" for line in f)
+    return write_corpus(dest, texts["train"], texts["valid"], texts["test"])
+
+
+@pytest.fixture(scope="module")
+def tokenized(wikitext_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per tokenizer: lmforge's data-bin with 1 shard (its tokenizer trained by lmforge), from which the
+    corpus encoded for the fairseq reference is made."""
+    root = tmp_path_factory.mktemp("tokenized")
+    out = {}
+    for name, opts in TOKENIZERS.items():
+        if opts:
+            preprocess(wikitext_corpus, root / f"{name}-bin", shards=1, **opts)
+            out[name] = root / f"{name}-bin"
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, edge_corpus: Path, big_vocab_corpus: Path,
-              request: pytest.FixtureRequest) -> Iterator[FairseqReference]:
+              multibyte_corpus: Path, tiny_corpus: Path, request: pytest.FixtureRequest) -> Iterator[FairseqReference]:
     """fairseq-preprocess output for every case, by name."""
     root = tmp_path_factory.mktemp("fairseq")
-    cases: dict[str, tuple[Path, dict]] = {"edge": (edge_corpus, {})}
+    cases: dict[str, tuple[Path, dict]] = {
+        "edge": (edge_corpus, {"workers": 2}), "multibyte": (multibyte_corpus, {"workers": 3}),
+        "tiny": (tiny_corpus, {}),
+    }
     cases |= {f"big-{k}": (big_vocab_corpus, opts) for k, (opts, _) in BIG_VOCAB_OPTIONS.items()}
     if (WIKITEXT / "valid.txt").is_file() and (WIKITEXT / "test.txt").is_file():
         corpus = request.getfixturevalue("wikitext_corpus")
         cases |= {f"wikitext-{k}": (corpus, opts) for k, opts in WIKITEXT_OPTIONS.items()}
+        cases["wikitext-none"] = (corpus, {"workers": 2})
+        for name, data_bin in request.getfixturevalue("tokenized").items():
+            cases[f"wikitext-{name}"] = (encode_corpus(corpus, data_bin, root / f"{name}-text"), {})
     ref = FairseqReference(root, {name: fairseq_args(corpus, root / name, **opts)
                                   for name, (corpus, opts) in cases.items()})
     yield ref
@@ -216,20 +272,69 @@ def reference(tmp_path_factory: pytest.TempPathFactory, edge_corpus: Path, big_v
 # --------------------------------------------------------------------------- byte identity
 
 
+@pytest.mark.parametrize("shards", SHARD_COUNTS)
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+def test_wikitext_matches_fairseq_for_any_shard_count(name: str, shards: int, wikitext_corpus: Path,
+                                                      reference: FairseqReference, tmp_path: Path) -> None:
+    """With a tokenizer, lmforge trains it again for every shard count: training is deterministic, so
+    the output is the same as the reference made with the first one."""
+    summary = preprocess(wikitext_corpus, tmp_path / "out", shards=shards, **TOKENIZERS[name])
+    assert_same_as_fairseq(tmp_path / "out", reference[f"wikitext-{name}"])
+    assert summary["tokenizer"]["kind"] == TOKENIZERS[name].get("tokenizer", "none")
+    if name != "none":
+        assert summary["tokenizer"]["sha256"] == load_tokenizer(tmp_path / "out").sha256
+
+
+def test_tokenized_data_is_the_tokenizers_tokens(wikitext_corpus: Path, tokenized: dict[str, Path]) -> None:
+    """The data-bin's tokenizer encodes raw text to what was counted: its first train sentence."""
+    from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+    first_line = (wikitext_corpus / "train.txt").read_text(encoding="utf-8").split("\n")[1]
+    for name, data_bin in tokenized.items():
+        symbols = ["<s>", "<pad>", "</s>", "<unk>"] + [
+            line.rsplit(" ", 1)[0] for line in (data_bin / "dict.txt").read_text(encoding="utf-8").splitlines()]
+        ids = MMapIndexedDataset(str(data_bin / "train"))[1].tolist()
+        expected = load_tokenizer(data_bin).encode(first_line).split()
+        assert [symbols[i] for i in ids[:-1]] == expected, name
+        assert len(expected) > len(first_line.split()), f"{name} splits words into pieces"
+
+
 @pytest.mark.parametrize("option", list(WIKITEXT_OPTIONS))
-def test_wikitext_matches_fairseq_preprocess(option: str, wikitext_corpus: Path, reference: FairseqReference,
-                                             tmp_path: Path) -> None:
-    summary = preprocess(wikitext_corpus, tmp_path / "out", **WIKITEXT_OPTIONS[option])
+def test_dictionary_options_match_fairseq(option: str, wikitext_corpus: Path, reference: FairseqReference,
+                                          tmp_path: Path) -> None:
+    summary = preprocess(wikitext_corpus, tmp_path / "out", shards=3, **WIKITEXT_OPTIONS[option])
     assert_same_as_fairseq(tmp_path / "out", reference[f"wikitext-{option}"])
     assert summary["vocab_size"] % WIKITEXT_OPTIONS[option].get("padding_factor", 8) == 0
 
 
-def test_edge_cases_match_fairseq_preprocess(edge_corpus: Path, reference: FairseqReference, tmp_path: Path) -> None:
-    summary = preprocess(edge_corpus, tmp_path / "out")
+@pytest.mark.parametrize("shards", SHARD_COUNTS)
+def test_edge_cases_match_fairseq_preprocess(shards: int, edge_corpus: Path, reference: FairseqReference,
+                                             tmp_path: Path) -> None:
+    summary = preprocess(edge_corpus, tmp_path / "out", shards=shards)
     assert_same_as_fairseq(tmp_path / "out", reference["edge"])
-    assert summary["splits"]["test"] == {"sentences": 0, "tokens": 0, "unk": 0}
+    assert summary["splits"]["test"] == {"sentences": 0, "tokens": 0, "unk": 0}  # the empty split
     # 12 lines in train: the lone \r splits one, the last has no newline.
     assert summary["splits"]["train"]["sentences"] == 13
+
+
+@pytest.mark.parametrize("shards", [3, 7])
+def test_cuts_inside_multibyte_characters_match_fairseq(shards: int, multibyte_corpus: Path,
+                                                        reference: FairseqReference, tmp_path: Path) -> None:
+    from lmforge.shards import split_offsets
+
+    train = multibyte_corpus / "train.txt"
+    data = train.read_bytes()
+    # the plain cut points size // N * i fall inside a character; the shard cuts never do
+    assert any(data[train.stat().st_size // shards * i] & 0xC0 == 0x80 for i in range(1, shards))
+    assert all(data[o - 1:o] == b"\n" for o in split_offsets(train, shards)[1:-1])
+    preprocess(multibyte_corpus, tmp_path / "out", shards=shards)
+    assert_same_as_fairseq(tmp_path / "out", reference["multibyte"])
+
+
+def test_more_shards_than_lines_match_fairseq(tiny_corpus: Path, reference: FairseqReference, tmp_path: Path) -> None:
+    summary = preprocess(tiny_corpus, tmp_path / "out", shards=7, workers=1)
+    assert_same_as_fairseq(tmp_path / "out", reference["tiny"])
+    assert summary["splits"]["train"]["sentences"] == 2
 
 
 @pytest.mark.parametrize("option", list(BIG_VOCAB_OPTIONS))
@@ -248,33 +353,53 @@ def test_large_vocabulary_dtype_matches_fairseq(option: str, big_vocab_corpus: P
 
 
 def test_workers_do_not_change_output(big_vocab_corpus: Path, tmp_path: Path) -> None:
-    """A real process pool (spawn); chunk merging on odd text is covered below without one."""
-    one = preprocess(big_vocab_corpus, tmp_path / "w1", workers=1)
-    two = preprocess(big_vocab_corpus, tmp_path / "w2", workers=2)
+    """A real process pool (spawn), 2 workers over 3 shards."""
+    one = preprocess(big_vocab_corpus, tmp_path / "w1", workers=1, shards=1)
+    two = preprocess(big_vocab_corpus, tmp_path / "w2", workers=2, shards=3)
     assert one == two
-    for name in FAIRSEQ_FILES + ("summary.json",):
+    for name in FAIRSEQ_FILES + ("summary.json", "tokenizer.json"):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 3, 7, 50])
-@pytest.mark.parametrize("block_bytes", [1, 7, 64, 1 << 20])
-def test_chunks_and_blocks_scan_like_the_whole_file(chunks: int, block_bytes: int, edge_corpus: Path) -> None:
-    """Any line-aligned chunking and any block size give the whole file's tokens and lines."""
-    path = edge_corpus / "train.txt"
-    whole = scan_range(path, 0, path.stat().st_size, block_bytes=1 << 30)
-    offsets = chunk_offsets(path, chunks)
-    data = path.read_bytes()
-    assert offsets[0] == 0 and offsets[-1] == len(data) and offsets == sorted(set(offsets))
-    assert all(data[o - 1 : o] == b"\n" for o in offsets[1:-1]), "cuts fall just after a newline"
-    merged = merge_scans([scan_range(path, a, b, block_bytes) for a, b in zip(offsets, offsets[1:])])
-    assert merged.uniques == whole.uniques
-    assert np.array_equal(merged.fids, whole.fids)
-    # The tokens are fairseq's: tokenize_line per line, in readline's (universal newline) lines.
-    from fairseq.tokenizer import tokenize_line
+def test_shard_tasks_stream_in_flat_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting and binarizing a shard 8 times larger (same vocabulary) peaks at about the same memory:
+    only per-type tables grow with the corpus, text and ids are streamed in blocks."""
+    import tracemalloc
 
-    with open(path, encoding="utf-8") as f:
-        expected = [tok for line in f for tok in [*tokenize_line(line), "</s>"]]
-    assert [whole.uniques[i] if i else "</s>" for i in whole.fids.tolist()] == expected
+    from lmforge.shards import Shard
+
+    monkeypatch.setattr(pp.shards_mod, "BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(pp, "ID_CHUNK", 4 << 10)
+    line = " ".join(f"w{i % 500}" for i in range(40)) + "\n"
+    peaks = []
+    for copies in (500, 4000):  # ~100 KB and ~800 KB of text
+        corpus = write_corpus(tmp_path / f"c{copies}", line * copies, line, line)
+        work = str(tmp_path / f"work{copies}")
+        settings = pp.Settings()
+        [shard] = pp.prepare(str(corpus), work, settings, 1)
+        tracemalloc.start()
+        count = pp.count_shard(str(corpus), work, Shard(0, shard.ranges))
+        dictionary = pp.build_dictionary(work, [count], settings)
+        pp.binarize_shard(work, count, dictionary)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.5 * peaks[0], f"peak memory grew from {peaks[0]} to {peaks[1]} bytes with 8x the text"
+
+
+def test_finalize_dictionary_is_fairseqs(tmp_path: Path) -> None:
+    """Random counts with ties, literal specials and a madeupword, against fairseq's Dictionary itself."""
+    from fairseq.data import Dictionary
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(300)] + ["<unk>", "</s>", "<pad>", "madeupword0001", "madeupword0000"]
+    counts = {w: int(c) for w, c in zip(words, rng.integers(1, 6, size=len(words)))}
+    for threshold, nwords, padding in [(0, -1, 8), (3, -1, 8), (0, 100, 8), (2, 57, 1), (0, 3, 8), (6, -1, 16)]:
+        d = Dictionary()
+        for w, c in sorted(counts.items()):
+            d.add_symbol(w, c)
+        d.finalize(threshold=threshold, nwords=nwords, padding_factor=padding)
+        expected = list(zip(d.symbols[d.nspecial:], d.count[d.nspecial:]))
+        assert finalize_dictionary(counts, threshold=threshold, nwords=nwords, padding_factor=padding) == expected
 
 
 # --------------------------------------------------------------------------- dictionary and summary
@@ -335,7 +460,8 @@ def test_summary_matches_the_binarized_data(wikitext_corpus: Path, tmp_path: Pat
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(name) and p.name != name)
+    """Anything next to the output `name` but the output and the corpus (temporary names start with ".")."""
+    return sorted(p.name for p in parent.iterdir() if p.name not in (name, "corpus"))
 
 
 def test_missing_split_names_the_file_and_writes_nothing(tmp_path: Path) -> None:
@@ -394,3 +520,78 @@ def test_bad_arguments_are_reported_together(tmp_path: Path) -> None:
     for part in ("workers", "nwords", "train.txt", "valid.txt", "test.txt"):
         assert part in message
     assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_in_a_later_shard_names_the_file_and_offset(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", "a b\n" * 100, "a\n", "b\n")
+    (corpus / "valid.txt").write_bytes(b"a b\n" * 50 + b"bad \xfe\n" + b"a\n" * 50)
+    with pytest.raises(LmforgeError, match=r"valid\.txt is not UTF-8 \(bad byte at offset 204\)"):
+        preprocess(corpus, tmp_path / "out", shards=3)
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_cli_preprocess_runs_the_shards_on_a_pool(wikitext_corpus: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.cli import main
+
+    out = tmp_path / "out"
+    assert main(["preprocess", "--corpus", str(wikitext_corpus), "--out", str(out), "--workers", "2",
+                 "--shards", "3", "--set", "preprocess.threshold=2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary == preprocess(wikitext_corpus, tmp_path / "again", threshold=2)
+    assert main(["preprocess", "--corpus", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- S3
+
+
+@pytest.fixture
+def recorded_requests(moto_s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[dict]]:
+    """Every request moto's server receives, as moto's recorder logs it (method, url, headers)."""
+    import requests
+    from moto.moto_api import recorder
+
+    monkeypatch.setattr(recorder, "_location", str(tmp_path / "moto-recording"))
+    requests.post(f"{moto_s3}/moto-api/recorder/reset-recording", timeout=10)
+    requests.post(f"{moto_s3}/moto-api/recorder/start-recording", timeout=10)
+    yield lambda: [json.loads(line) for line in (tmp_path / "moto-recording").read_text().splitlines()]
+    requests.post(f"{moto_s3}/moto-api/recorder/stop-recording", timeout=10)
+
+
+def test_s3_corpus_is_read_in_ranges_only(moto_s3: str, recorded_requests, wikitext_corpus: Path,
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Corpus and intermediate outputs on S3 (moto's server on 127.0.0.1), 3 shards and a BPE tokenizer
+    trained on a sample: the same data-bin as from local files, and no request for a corpus object
+    asked for all of it."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3)
+    s3 = boto3.client("s3", endpoint_url=moto_s3)
+    s3.create_bucket(Bucket="corpora")
+    for split in SPLITS:
+        s3.upload_file(str(wikitext_corpus / f"{split}.txt"), "corpora", f"wt/{split}.txt")
+    opts = {"shards": 3, "tokenizer": "bpe", "vocab_size": 400, "tokenizer_sample_bytes": 60_000}
+    recorded_requests()  # uploads are not what is checked
+    (tmp_path / "moto-recording").write_text("")
+    summary = preprocess("s3://corpora/wt", tmp_path / "from-s3", work_dir="s3://corpora/work", **opts)
+    requests_seen = recorded_requests()
+    assert summary == preprocess(wikitext_corpus, tmp_path / "local", **opts)
+    for name in FAIRSEQ_FILES + ("summary.json", "tokenizer.json", "bpe.json"):
+        assert (tmp_path / "from-s3" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+    corpus_gets = [r for r in requests_seen if r["method"] == "GET" and "/wt/" in r["url"]]
+    sizes = {f"/wt/{s}.txt": (wikitext_corpus / f"{s}.txt").stat().st_size for s in SPLITS}
+    assert len(corpus_gets) >= 2 * 3 * len(SPLITS) - 3, "the plan's probes and map 1's reads"
+    for r in corpus_gets:
+        headers = {k.lower(): v for k, v in r["headers"].items()}
+        assert "range" in headers, f"{r['url']} was fetched whole"
+        first, last = map(int, headers["range"].removeprefix("bytes=").split("-"))
+        size = next(v for k, v in sizes.items() if r["url"].split("?")[0].endswith(k))
+        assert (first, last) != (0, size - 1), f"{r['url']} was fetched whole via a range"
+    # each intermediate directory's marker file is uploaded after the rest of it
+    for prefix, marker in (("/work/count/00002/", "shard.json"), ("/work/bin/00001/", "bin.json"),
+                           ("/work/dict/", "summary.json")):
+        puts = [r["url"].split("?")[0] for r in requests_seen if r["method"] == "PUT" and prefix in r["url"]]
+        assert len(puts) > 1 and puts[-1].endswith(marker), (prefix, puts)

@@ -62,10 +62,11 @@ def test_s3_put_get_list_and_ranges(tmp_path, moto_s3, bucket, ranges_requested)
     uri = storage.join(base, "a.bin")
     assert storage.size(uri, endpoint_url=moto_s3) == len(DATA)
     assert storage.read_range(uri, 1000, 1010, endpoint_url=moto_s3) == DATA[1000:1010]
+    assert storage.read_text(storage.join(base, "sub", "b.txt"), endpoint_url=moto_s3) == "hello\n"
     assert b"".join(storage.iter_range(uri, 7, 70_007, chunk_size=4096, endpoint_url=moto_s3)) == DATA[7:70_007]
     assert storage.read_range(uri, len(DATA) + 5, len(DATA) + 9, endpoint_url=moto_s3) == b""
     # Each read asked for its own range only, never the whole object.
-    assert ranges_requested == ["bytes=1000-1009", "bytes=7-70006", f"bytes={len(DATA) + 5}-{len(DATA) + 8}"]
+    assert ranges_requested == ["bytes=1000-1009", "bytes=0-5", "bytes=7-70006", f"bytes={len(DATA) + 5}-{len(DATA) + 8}"]
 
     names = storage.get_dir(base, tmp_path / "back", endpoint_url=moto_s3)
     assert names == ["a.bin", "sub/b.txt"]

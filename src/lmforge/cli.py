@@ -1,7 +1,9 @@
 """The `lmforge` command: the whole pipeline, each step by hand, compile, and the worker.
 
     lmforge run --config pipelines/configs/tiny.yaml --corpus DIR
-    lmforge compile
+    lmforge compile [--config FILE]
+    lmforge submit|schedule|runs --host URL ...   (Kubeflow Pipelines)
+    lmforge images build [--push REGISTRY]
     lmforge download|preprocess|train|evaluate|register ...
     lmforge models [NAME] / lmforge promote NAME VERSION --reason TEXT
     lmforge worker ...            (what every training process runs)
@@ -115,8 +117,44 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_compile(args: argparse.Namespace) -> None:
     from lmforge.pipeline.compile import compile_all
 
-    for path in compile_all(Path(args.out_dir)):
+    for path in compile_all(Path(args.out_dir), load_config(args)):
         print(path)
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from lmforge.pipeline.client import submit
+
+    result = submit(load_config(args), args.host, experiment=args.experiment, token=args.token, run_name=args.name)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_schedule(args: argparse.Namespace) -> None:
+    from lmforge.pipeline.client import schedule
+
+    result = schedule(load_config(args), args.host, args.cron, experiment=args.experiment, token=args.token,
+                      name=args.name)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from lmforge.pipeline.client import format_runs, list_runs
+
+    listing = list_runs(load_config(args), args.host, experiment=args.experiment, token=args.token, limit=args.limit)
+    print(json.dumps(listing, indent=2) if args.json else format_runs(listing))
+
+
+def cmd_images(args: argparse.Namespace) -> None:
+    from lmforge.pipeline.image_build import build_images
+
+    for spec in build_images(Path(args.context), registry=args.push, roles=args.role or None):
+        print(" ".join(spec.tags))
+
+
+def add_kfp_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", required=True, help="Kubeflow Pipelines API URL, e.g. http://localhost:8080")
+    parser.add_argument("--token", help="bearer token (default: LMFORGE_KFP_TOKEN, else a pod's KFP service-account token)")
+    parser.add_argument("--experiment", help="KFP experiment (default: tracking.experiment of the config)")
+    add_config_arguments(parser)
 
 
 def cmd_corpora(args: argparse.Namespace) -> None:
@@ -136,13 +174,15 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from lmforge.preprocess import preprocess
+    from lmforge import storage
+    from lmforge.preprocess import preprocess, settings_kwargs
 
-    cfg = load_config(args).preprocess
-    summary = preprocess(
-        args.corpus, args.out, threshold=cfg.threshold, nwords=cfg.nwords,
-        padding_factor=cfg.padding_factor, workers=args.workers or cfg.workers,
-    )
+    cfg = load_config(args)
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    p = cfg.preprocess
+    workers = args.workers or p.workers
+    summary = preprocess(args.corpus, args.out, workers=workers, shards=args.shards or max(p.shards, workers),
+                         **settings_kwargs(p))
     print(json.dumps(summary, indent=2))
 
 
@@ -269,8 +309,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compile", help="compile the pipeline and components to YAML for Kubeflow")
+    add_config_arguments(p)  # its cluster section sets each task's pod; the whole config is the UI's default
     p.add_argument("--out-dir", default=".", help="repository root to write pipelines/ and components/ into")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("submit", help="upload the pipeline to Kubeflow Pipelines and start a run")
+    add_kfp_arguments(p)
+    p.add_argument("--name", help="run name (default: <config name>-<time>)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("schedule", help="a recurring run for scheduled retraining (one at a time, no catch-up)")
+    add_kfp_arguments(p)
+    p.add_argument("--cron", required=True, help="KFP cron, 6 fields with seconds first, e.g. '0 0 3 * * 0'")
+    p.add_argument("--name", help="recurring run name (default: <config name>-retraining)")
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("runs", help="list runs and recurring runs on Kubeflow Pipelines")
+    add_kfp_arguments(p)
+    p.add_argument("--limit", type=int, default=20, help="newest runs to show")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("images", help="build (and push) the steps and trainer images with Docker")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--push", metavar="REGISTRY", help="also tag as REGISTRY/lmforge-<role>:<version> and push")
+    p.add_argument("--context", default=".", help="lmforge source checkout (default: the current directory)")
+    p.add_argument("--role", action="append", choices=["steps", "trainer"], help="only this image (repeatable)")
+    p.set_defaults(func=cmd_images)
 
     p = sub.add_parser("corpora", help="list the named corpora a config's corpus.source accepts")
     p.set_defaults(func=cmd_corpora)
@@ -289,9 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="dict.txt and binarized splits, as fairseq-preprocess --only-source")
     add_config_arguments(p)
-    p.add_argument("--corpus", required=True, help="directory with train.txt, valid.txt, test.txt")
+    p.add_argument("--corpus", required=True, help="directory (or s3:// prefix) with train.txt, valid.txt, test.txt")
     p.add_argument("--out", required=True, help="output data-bin directory")
     p.add_argument("--workers", type=int, default=0, help="processes (default: preprocess.workers)")
+    p.add_argument("--shards", type=int, default=0,
+                   help="byte ranges per split (default: preprocess.shards, at least one per worker)")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="train with fairseq through the configured launcher")

@@ -61,11 +61,31 @@ class CorpusConfig:
 class PreprocessConfig:
     """Tokenization and the fairseq dictionary (fairseq-preprocess --only-source options)."""
 
-    tokenizer: str = doc("Tokenizer applied before counting: 'none' (whitespace tokens, as WikiText ships them).", "none")
+    tokenizer: str = doc(
+        "Tokenizer applied before counting: 'none' (whitespace tokens, as WikiText ships them), 'bpe' "
+        "(byte-level BPE, HuggingFace tokenizers) or 'sentencepiece'. Trained once on the train split "
+        "(or loaded from tokenizer_file); it is saved in the data-bin and travels with the registered model.",
+        "none",
+    )
+    model_type: str = doc("sentencepiece model type: 'bpe' or 'unigram' (tokenizer: sentencepiece only).", "bpe")
+    vocab_size: int = doc("Vocabulary size the tokenizer is trained to (bpe, sentencepiece).", 8000)
+    tokenizer_sample_bytes: int = doc(
+        "Train the tokenizer on the first this many bytes of the train split (cut at a line end); 0: all of it.", 0
+    )
+    tokenizer_file: str = doc(
+        "Use this trained tokenizer instead of training one: a HuggingFace tokenizers JSON file (bpe) or a "
+        "sentencepiece .model file; a path or s3:// URI. Empty: train.",
+        "",
+    )
+    shards: int = doc(
+        "Byte ranges each split is cut into (at line ends, as fairseq's find_offsets cuts); the pipeline runs "
+        "one tokenize+count and one binarize task per shard. The output does not depend on it.",
+        2,
+    )
     threshold: int = doc("Map words appearing fewer than threshold times to <unk> (fairseq --thresholdsrc).", 0)
     nwords: int = doc("Keep at most this many words in the dictionary, -1 for all (fairseq --nwordssrc).", -1)
     padding_factor: int = doc("Pad the dictionary size to a multiple of this (fairseq --padding-factor).", 8)
-    workers: int = doc("Processes used to count and binarize on one machine.", 1)
+    workers: int = doc("Processes `lmforge preprocess` uses on one machine (the pipeline runs one task per shard).", 1)
 
 
 @dataclass(frozen=True)
@@ -162,7 +182,11 @@ class ClusterConfig:
     """Kubernetes settings for the compiled pipeline's pods and the training job (`lmforge run` ignores them)."""
 
     namespace: str = doc("Namespace of the Kubeflow profile the pipeline runs in; PyTorchJobs are created there.", "kubeflow")
-    service_account: str = doc("Service account of the step pods and training pods (k8s/rbac.yaml).", "lmforge-pipeline-runner")
+    service_account: str = doc(
+        "Service account of the pipeline run's pods (lmforge submit/schedule); empty: Kubeflow Pipelines' "
+        "default, pipeline-runner (default-editor in a multi-user profile), which k8s/rbac.yaml binds.",
+        "",
+    )
     s3_secret: str = doc(
         "Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional AWS_ENDPOINT_URL) become "
         "environment variables of every pod that touches S3; empty: none.",
@@ -173,6 +197,42 @@ class ClusterConfig:
         "environment variables of every pod that logs to MLflow; empty: none.",
         "lmforge-mlflow",
     )
+    image_registry: str = doc(
+        "Registry (and path) of the steps and trainer images, e.g. registry.example.com/ml, where "
+        "`lmforge images build --push` put them; empty: ghcr.io/lmforge. Tags are the package version.",
+        "",
+    )
+    cpu_request: dict[str, str] = doc(
+        "CPU request of each step's pod, by step name ('default' for steps not listed), e.g. "
+        "{preprocess: '4'}. 'preprocess' is the plan (tokenizer training), dictionary and merge tasks, "
+        "'preprocess_shard' each shard's count and binarize task. The train step's pod only submits and "
+        "watches the PyTorchJob.",
+        factory=lambda: {"default": "500m", "preprocess": "2", "preprocess_shard": "1", "evaluate": "2"},
+    )
+    memory_request: dict[str, str] = doc(
+        "Memory request of each step's pod, by step name ('default' for steps not listed), e.g. {evaluate: 8Gi}.",
+        factory=lambda: {"default": "1Gi", "preprocess": "4Gi", "preprocess_shard": "2Gi", "evaluate": "4Gi"},
+    )
+    node_selector: dict[str, str] = doc(
+        "Node labels every step pod requires (pod nodeSelector), e.g. {kubernetes.io/arch: amd64}.", factory=dict
+    )
+    tolerations: list[dict[str, Any]] = doc(
+        "Tolerations of every step pod, as in a pod spec: [{key, operator, value, effect, tolerationSeconds}].",
+        factory=list,
+    )
+    pvc_name: str = doc(
+        "An existing ReadWriteMany PersistentVolumeClaim mounted into every pod that reads or writes "
+        "storage (k8s/pvc.yaml); empty: none, storage.root must then be s3:// (pods share no disk).",
+        "",
+    )
+    pvc_mount_path: str = doc("Where pvc_name is mounted; a local storage.root must lie under it.", "/mnt/lmforge")
+    shm_size: str = doc(
+        "Size of the in-memory /dev/shm of the steps that load data with PyTorch (train, evaluate): "
+        "DataLoader workers pass batches through it, and a container's default is 64Mi.",
+        "2Gi",
+    )
+    retries: int = doc("Retries of a step that touches the network (S3, MLflow, HTTP, the API server).", 2)
+    retry_backoff_seconds: int = doc("Wait before the first retry; doubled for each further retry.", 30)
 
 
 @dataclass(frozen=True)
@@ -419,8 +479,20 @@ def validate(cfg: RunConfig) -> list[str]:
         if split not in SPLITS:
             p.append(f"corpus.members.{split}: unknown split (use {', '.join(SPLITS)})")
     pp = cfg.preprocess
-    if pp.tokenizer != "none":
-        p.append(f"preprocess.tokenizer: {pp.tokenizer!r} is not supported (use 'none')")
+    if pp.tokenizer not in ("none", "bpe", "sentencepiece"):
+        p.append(f"preprocess.tokenizer: {pp.tokenizer!r} is not supported (use none, bpe or sentencepiece)")
+    if pp.model_type not in ("bpe", "unigram"):
+        p.append(f"preprocess.model_type: {pp.model_type!r} (use bpe or unigram)")
+    if pp.tokenizer == "bpe" and pp.vocab_size < 257:
+        p.append(f"preprocess.vocab_size: {pp.vocab_size} is too small (byte-level BPE needs >= 257: 256 bytes + 1)")
+    elif pp.vocab_size < 8:
+        p.append(f"preprocess.vocab_size: {pp.vocab_size} must be >= 8")
+    if pp.tokenizer_sample_bytes < 0:
+        p.append(f"preprocess.tokenizer_sample_bytes: {pp.tokenizer_sample_bytes} must be >= 0 (0: all)")
+    if pp.tokenizer_file and pp.tokenizer == "none":
+        p.append("preprocess.tokenizer_file: set preprocess.tokenizer to bpe or sentencepiece to use it")
+    if pp.shards < 1:
+        p.append(f"preprocess.shards: {pp.shards} must be >= 1")
     if pp.padding_factor < 1:
         p.append(f"preprocess.padding_factor: {pp.padding_factor} must be >= 1")
     if pp.nwords == 0 or pp.nwords < -1:
@@ -477,7 +549,60 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"storage.root: {cfg.storage.root!r} (use a local path, file:// or s3://bucket/prefix)")
     if not re.match(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", cfg.cluster.namespace):
         p.append(f"cluster.namespace: {cfg.cluster.namespace!r} is not a Kubernetes namespace name")
+    p.extend(validate_cluster(cfg.cluster))
     return p
+
+
+_CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")  # what KFP's set_cpu_request accepts
+_MEMORY = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")  # what KFP's set_memory_request accepts
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+def validate_cluster(c: ClusterConfig) -> list[str]:
+    """Problems of the `cluster` section: the pod settings `lmforge compile` writes into the pipeline."""
+    p: list[str] = []
+    for name, pattern, example in (("cpu_request", _CPU, "500m or 2"), ("memory_request", _MEMORY, "4Gi")):
+        for step, value in getattr(c, name).items():
+            if not pattern.match(str(value)):
+                p.append(f"cluster.{name}.{step}: {value!r} is not a Kubernetes quantity (e.g. {example})")
+    if not _MEMORY.match(c.shm_size):
+        p.append(f"cluster.shm_size: {c.shm_size!r} is not a Kubernetes quantity (e.g. 2Gi)")
+    for key, value in c.node_selector.items():
+        if not isinstance(value, str):
+            p.append(f"cluster.node_selector.{key}: {value!r} must be a string (quote it)")
+    for i, toleration in enumerate(c.tolerations):
+        if not isinstance(toleration, dict) or not set(toleration) <= _TOLERATION_KEYS:
+            p.append(f"cluster.tolerations[{i}]: use the keys {', '.join(sorted(_TOLERATION_KEYS))}")
+        elif toleration.get("operator", "Equal") not in ("Equal", "Exists"):
+            p.append(f"cluster.tolerations[{i}].operator: {toleration['operator']!r} (use Equal or Exists)")
+        elif toleration.get("effect") not in (None, "NoSchedule", "PreferNoSchedule", "NoExecute"):
+            p.append(f"cluster.tolerations[{i}].effect: {toleration['effect']!r} (NoSchedule, PreferNoSchedule, NoExecute)")
+    if c.pvc_name and not re.match(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", c.pvc_name):
+        p.append(f"cluster.pvc_name: {c.pvc_name!r} is not a Kubernetes object name")
+    if c.image_registry and not re.match(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*/?$", c.image_registry):
+        p.append(f"cluster.image_registry: {c.image_registry!r} is not a registry path like registry.example.com/ml")
+    if not c.pvc_mount_path.startswith("/"):
+        p.append(f"cluster.pvc_mount_path: {c.pvc_mount_path!r} must be an absolute path")
+    if c.retries < 0 or c.retry_backoff_seconds < 0:
+        p.append("cluster.retries and cluster.retry_backoff_seconds must be >= 0")
+    return p
+
+
+def cluster_storage_problems(cfg: RunConfig) -> list[str]:
+    """Why `cfg` cannot run as pods of a cluster: pods share no disk, so every location a later step
+    or the training job reads must be in S3 or on the shared volume (cluster.pvc_name)."""
+    root, c = cfg.storage.root, cfg.cluster
+    if root.startswith("s3://"):
+        return []
+    path = root.removeprefix("file://")
+    mount = c.pvc_mount_path.rstrip("/") + "/"
+    if c.pvc_name and path.startswith(mount):
+        return []
+    where = f"under cluster.pvc_mount_path ({c.pvc_mount_path})" if c.pvc_name else "on a shared volume (cluster.pvc_name)"
+    return [
+        f"storage.root: {root!r} is local to one pod; set the storage_root parameter (or storage.root) "
+        f"to s3://bucket/prefix, or to a path {where}"
+    ]
 
 
 def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:

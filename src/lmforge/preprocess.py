@@ -1,375 +1,141 @@
-"""Preprocessing: a text corpus in, fairseq's binarized language-model data out.
+"""Preprocessing as a map-reduce: a text corpus in, fairseq's binarized language-model data out.
 
-In:  a corpus directory holding `train.txt`, `valid.txt` and `test.txt` (UTF-8,
-     one sentence per line, tokens separated by whitespace, as WikiText ships them).
-Out: a destination directory holding `dict.txt`, `{train,valid,test}.{bin,idx}`
+In:  a corpus directory (local path or s3:// prefix) holding `train.txt`,
+     `valid.txt` and `test.txt` (UTF-8, one sentence per line).
+Out: a data-bin directory holding `dict.txt` and `{train,valid,test}.{bin,idx}`
      byte-identical to what
 
          fairseq-preprocess --only-source --trainpref C/train.txt --validpref C/valid.txt
              --testpref C/test.txt --destdir D --thresholdsrc T --nwordssrc N
-             --padding-factor P --dataset-impl mmap
+             --padding-factor P --dataset-impl mmap --workers K
 
-     writes (whatever `workers` is), plus `summary.json` (the dict `preprocess`
-     returns). fairseq's `preprocess.log` is not written.
+     writes for the same (tokenized) text, whatever the number of shards N and
+     workers K, plus `summary.json` and the tokenizer (`tokenizer.json` and its
+     model file, see lmforge.tokenization). fairseq's `preprocess.log` is not written.
 
-    lmforge preprocess --corpus DIR --out DIR
+    lmforge preprocess --corpus DIR --out DIR [--workers K] [--shards N]
 
-How it stays identical while being much faster than fairseq-preprocess, which
-calls `Dictionary.index` and fills a torch tensor once per token in Python:
+The stages (each a function over URIs; the pipeline runs each as a KFP task,
+`preprocess()` runs them all on one machine with a process pool):
 
-- tokenization is `str.split()`: fairseq's `tokenize_line` collapses `\\s+`, strips
-  and splits, and Python's `re` `\\s` and `str.split()` use the same Unicode
-  whitespace table, so both give the same tokens;
+1. `prepare`: train (or load) the tokenizer once on the train split, then cut
+   every split into N byte ranges exactly where fairseq's `find_offsets` cuts
+   (lmforge.shards). Shard i is the i-th range of every split.
+2. `count_shard` (map, one per shard): read only the shard's ranges (local seek
+   or ranged S3 GETs), tokenize, give each token type a small id in order of
+   first use and write the id stream plus the types and their counts.
+3. `build_dictionary` (reduce): add up the train counts and finalize `dict.txt`
+   with fairseq's rules (`finalize_dictionary`); summary statistics.
+4. `binarize_shard` (map): the shard's id stream through the dictionary into
+   an mmap `.bin` with the dtype fairseq picks, and its sentence sizes.
+5. `merge_shards`: shards joined in order into one `.bin`/`.idx` per split.
+
+Memory stays flat: text is read in 1 MiB blocks, ids are streamed to and from
+files, and only per-type tables (the symbol counts) grow with the corpus.
+
+Why it is identical to fairseq-preprocess while much faster (fairseq calls
+`Dictionary.index` and fills a torch tensor once per token in Python):
+- tokens are `str.split()` of each line: fairseq's `tokenize_line` collapses
+  `\\s+`, strips and splits, and Python's `re` `\\s` and `str.split()` use the
+  same Unicode whitespace table;
 - lines are read as fairseq reads them (text mode, universal newlines: `\\n`,
   `\\r\\n` and a lone `\\r` each end a line; a last line without newline counts);
-- each block of text is split once, with a sentinel token appended to every line;
-  tokens are factorized into small integer ids with C-level dict lookups
-  (`map(dict.get, tokens, ...)`), counts come from `np.bincount`, and the final
-  ids, sentence sizes and eos positions are numpy operations. The sentinel is
-  the eos of each line, so no per-line Python work is left;
-- the dictionary is fairseq's own `Dictionary` (its `add_symbol`, `finalize` and
-  `save`), fed with the same counts in the same order as fairseq's
-  `add_file_to_dictionary`, so finalize's rules (count descending, ties
-  alphabetical, threshold, nwords, padding with `madeupwordNNNN`) are fairseq's.
+- each block of text is split once with a sentinel token appended to every
+  line, tokens become ids with C-level dict lookups, counts come from
+  `np.bincount`, and the dictionary lookup, sentence sizes and eos positions
+  are numpy operations; the sentinel is each line's eos, so no per-line Python
+  work is left (for `none`; a tokenizer encodes a block of lines in one call);
+- the dictionary follows `fairseq.data.Dictionary` exactly: specials `<s>`,
+  `<pad>`, `</s>`, `<unk>` first, one `</s>` counted per line, symbols sorted
+  by count descending with ties alphabetical, `threshold`, `nwords`, then
+  padding with `madeupwordNNNN` (checked against fairseq in tests/test_preprocess.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import heapq
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import struct
+import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from itertools import pairwise, repeat
+from dataclasses import asdict, dataclass
+from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from lmforge import shards as shards_mod
+from lmforge import storage
 from lmforge.config import SPLITS
 from lmforge.errors import LmforgeError
-
-if TYPE_CHECKING:  # fairseq imports torch (seconds); only the functions that need it import it
-    from fairseq.data import Dictionary
+from lmforge.shards import Shard
+from lmforge.tokenization import TOKENIZER_MANIFEST, Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Text is read in blocks of this many bytes (cut at a line end). A block's token
-# list costs ~60 bytes per token in Python objects; 1 MiB of WikiText (~200 k
-# tokens, ~12 MB of objects) keeps memory flat whatever the corpus size and was
-# ~25% faster than 8 MiB blocks (fewer cache misses).
-BLOCK_BYTES = 1 << 20
+# fairseq's Dictionary specials, in index order (bos, pad, eos, unk).
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+EOS_INDEX, UNK_INDEX = 2, 3
 
-# Every name preprocessing (ours or fairseq's) writes. A destination directory
-# holding only these is earlier output and may be replaced; anything else there
-# belongs to someone else and is never deleted.
+# Every name preprocessing (ours or fairseq's) writes into a data-bin. A
+# destination directory holding only these is earlier output and may be
+# replaced; anything else there belongs to someone else and is never deleted.
 OUTPUT_NAMES = frozenset(
-    {"dict.txt", "summary.json", "preprocess.log"} | {f"{s}.{e}" for s in SPLITS for e in ("bin", "idx")}
+    {"dict.txt", "summary.json", "preprocess.log", TOKENIZER_MANIFEST, "bpe.json", "sentencepiece.model"}
+    | {f"{s}.{e}" for s in SPLITS for e in ("bin", "idx")}
 )
 
 # fairseq's MMapIndexedDataset on-disk format (fairseq/data/indexed_dataset.py):
 # .idx = magic, version <Q 1, dtype code <B, count <Q, int32 sizes, int64 byte pointers.
 _MMAP_MAGIC = b"MMIDIDX\x00\x00"
 _MMAP_VERSION = 1
+_MMAP_HEADER_BYTES = len(_MMAP_MAGIC) + 8 + 1 + 8
 # fairseq's `_code_to_dtype`, inverted (only the integer types a vocabulary can need).
-_MMAP_DTYPE_CODES = {
-    np.dtype(np.uint8): 1,
-    np.dtype(np.int8): 2,
-    np.dtype(np.int16): 3,
-    np.dtype(np.int32): 4,
-    np.dtype(np.int64): 5,
-    np.dtype(np.uint16): 8,
-    np.dtype(np.uint32): 9,
-    np.dtype(np.uint64): 10,
-}
+_MMAP_DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.uint32): 9, np.dtype(np.int64): 5}
+
+# Ids are streamed between stages in runs of this many (16 MiB of int32).
+ID_CHUNK = 4 << 20
 
 
 @dataclass(frozen=True)
-class Scan:
-    """One text range, tokenized and factorized.
+class Settings:
+    """What the output depends on besides the corpus (the `preprocess` config section's content)."""
 
-    `fids[i]` is the factor id of the i-th token; id 0 is the end of a line
-    (fairseq's eos, appended to every line) and `uniques[k]` is the token with
-    id k for k >= 1 (`uniques[0]` is a placeholder). Every line ends with a 0,
-    so the sentences are the runs of `fids` that end in 0.
-    """
+    threshold: int = 0
+    nwords: int = -1
+    padding_factor: int = 8
+    tokenizer: str = "none"
+    model_type: str = "bpe"
+    vocab_size: int = 8000
+    tokenizer_sample_bytes: int = 0
+    tokenizer_file: str = ""
 
-    uniques: list[str]
-    fids: np.ndarray  # int32
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def chunk_offsets(path: Path, chunks: int) -> list[int]:
-    """Byte offsets cutting `path` into at most `chunks` ranges, each starting at a line.
-
-    A cut is placed just after a b"\\n" byte (never inside a UTF-8 character or a
-    \\r\\n pair), near size*i/chunks like fairseq's `find_offsets`. A file whose
-    lines end in a lone \\r only has no such byte and stays one chunk.
-    """
-    size = path.stat().st_size
-    offsets = [0]
-    with open(path, "rb") as f:
-        for i in range(1, chunks):
-            f.seek(max(size * i // chunks, offsets[-1]))
-            f.readline()  # binary readline stops after b"\n": the next line starts here
-            pos = f.tell()
-            if pos >= size:
-                break
-            if pos > offsets[-1]:
-                offsets.append(pos)
-    offsets.append(size)
-    return offsets
+    @classmethod
+    def from_config(cls, p: Any) -> Settings:
+        """From a `config.PreprocessConfig`."""
+        return cls(**{name: getattr(p, name) for name in cls.__dataclass_fields__})
 
 
-def decode_block(data: bytes, path: Path, offset: int, *, last: bool) -> str:
-    """UTF-8 bytes -> text with fairseq's line semantics (universal newlines).
-
-    Every line of the result, including a last one without a newline in the
-    file, ends with "\\n", so the text holds exactly one "\\n" per line.
-    """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LmforgeError(
-            f"{path} is not UTF-8 (bad byte at offset {offset + e.start}); re-encode the file as UTF-8"
-        ) from None
-    if "\r" in text:  # text-mode reading turns \r\n and a lone \r into \n
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if last and text and not text.endswith("\n"):
-        text += "\n"
-    return text
+def best_fitting_dtype(vocab_size: int) -> np.dtype:
+    """The .bin dtype fairseq chooses for `len(dictionary)` (indexed_dataset.best_fitting_int_dtype)."""
+    if vocab_size < 65500:
+        return np.dtype(np.uint16)
+    if vocab_size < 4294967295:
+        return np.dtype(np.uint32)
+    return np.dtype(np.int64)
 
 
-def iter_text_blocks(path: Path, start: int, end: int, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
-    """The text of bytes [start, end) of `path`, in blocks cut after a b"\\n"."""
-    buf = bytearray()
-    buf_offset = start  # file offset of buf[0], for error messages
-    with open(path, "rb") as f:
-        f.seek(start)
-        remaining = end - start
-        while remaining > 0:
-            data = f.read(min(block_bytes, remaining))
-            if not data:  # the file shrank under us: take what there is
-                break
-            remaining -= len(data)
-            buf += data
-            cut = buf.rfind(b"\n") + 1
-            if remaining > 0 and cut > 0:
-                yield decode_block(bytes(buf[:cut]), path, buf_offset, last=False)
-                del buf[:cut]
-                buf_offset += cut
-    if buf:
-        yield decode_block(bytes(buf), path, buf_offset, last=True)
-
-
-def line_sentinel(text: str, taken: dict[str, int]) -> str:
-    """A token that occurs nowhere in `text` and is not a key of `taken`.
-
-    It is appended to every line, so it marks each line's eos in the token
-    stream; NUL (not whitespace, so one token) is absent from real text.
-    """
-    s = "\x00"
-    while s in text or s in taken:
-        s += "\x00"
-    return s
-
-
-def scan_range(path: Path, start: int, end: int, block_bytes: int = BLOCK_BYTES) -> Scan:
-    """Tokenize and factorize bytes [start, end) of `path` (a range starting at a line).
-
-    Runs in a worker process when workers > 1, so it takes and returns plain data.
-    """
-    path = Path(path)
-    factor: dict[str, int] = {}
-    uniques: list[str] = [""]  # id 0: end of line
-    parts: list[np.ndarray] = []
-    for text in iter_text_blocks(path, start, end, block_bytes):
-        eol = line_sentinel(text, factor)
-        tokens = text.replace("\n", f" {eol}\n").split()
-        factor[eol] = 0
-        # One C-level lookup per token; only tokens not seen before (-1: most of
-        # the first block, ~1% later) go through Python. ~20% faster than
-        # deduplicating each block with dict.fromkeys first.
-        ids = np.fromiter(map(factor.get, tokens, repeat(-1)), dtype=np.int32, count=len(tokens))
-        for i in np.flatnonzero(ids < 0).tolist():
-            token = tokens[i]
-            fid = factor.get(token)
-            if fid is None:
-                fid = factor[token] = len(uniques)
-                uniques.append(token)
-            ids[i] = fid
-        parts.append(ids)
-        del factor[eol]
-    fids = np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
-    return Scan(uniques=uniques, fids=fids)
-
-
-def merge_scans(scans: Sequence[Scan]) -> Scan:
-    """Consecutive ranges' scans -> the scan of the whole (ids renumbered by first use)."""
-    if len(scans) == 1:
-        return scans[0]
-    factor: dict[str, int] = {}
-    parts = []
-    for scan in scans:
-        # len(factor) + 1 is evaluated before setdefault inserts, so a new type gets the next id.
-        remap = np.fromiter(
-            (factor.setdefault(t, len(factor) + 1) for t in scan.uniques[1:]),
-            dtype=np.int32,
-            count=len(scan.uniques) - 1,
-        )
-        parts.append(np.concatenate([np.zeros(1, dtype=np.int32), remap])[scan.fids])
-    return Scan(uniques=[""] + list(factor), fids=np.concatenate(parts))
-
-
-def scan_splits(paths: dict[str, Path], workers: int, block_bytes: int = BLOCK_BYTES) -> dict[str, Scan]:
-    """Scan every split; with workers > 1, over line-aligned chunks in a process pool."""
-    if workers == 1:
-        return {name: scan_range(p, 0, p.stat().st_size, block_bytes) for name, p in paths.items()}
-    # spawn, not fork: the parent may hold torch's threads (fairseq is imported),
-    # and a worker needs only this module and numpy.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {
-            name: [pool.submit(scan_range, p, a, b, block_bytes) for a, b in pairwise(chunk_offsets(p, workers))]
-            for name, p in paths.items()
-        }
-        return {name: merge_scans([f.result() for f in fs]) for name, fs in futures.items()}
-
-
-# --------------------------------------------------------------------------- dictionary
-
-
-def build_dictionary(train: Scan, *, threshold: int, nwords: int, padding_factor: int) -> Dictionary:
-    """fairseq's dictionary for the train split, built by fairseq's own code.
-
-    Same counts, same insertion order as `Dictionary.add_file_to_dictionary`
-    (a Counter over tokens plus one eos per line, added in sorted order), then
-    fairseq's `finalize`.
-    """
-    from fairseq.data import Dictionary
-
-    counts = np.bincount(train.fids, minlength=len(train.uniques)).tolist()
-    d = Dictionary()
-    counter = dict(zip(train.uniques[1:], counts[1:]))
-    if counts[0]:
-        counter[d.eos_word] = counter.get(d.eos_word, 0) + counts[0]
-    for word, n in sorted(counter.items()):
-        d.add_symbol(word, n)
-    d.finalize(threshold=threshold, nwords=nwords, padding_factor=padding_factor)
-    return d
-
-
-def id_table(uniques: list[str], d: Dictionary) -> np.ndarray:
-    """Factor id -> dictionary index (unknown types -> unk, id 0 -> eos), as int64."""
-    table = np.fromiter(map(d.indices.get, uniques, repeat(d.unk_index)), dtype=np.int64, count=len(uniques))
-    table[0] = d.eos_index
-    return table
-
-
-def count_replaced(scan: Scan, table: np.ndarray, d: Dictionary) -> int:
-    """Tokens mapped to <unk> that were not literally <unk> (fairseq's "% replaced")."""
-    counts = np.bincount(scan.fids, minlength=len(scan.uniques))
-    is_unk = table == d.unk_index
-    try:
-        is_unk[scan.uniques.index(d.unk_word, 1)] = False
-    except ValueError:
-        pass
-    return int(counts[is_unk].sum())
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def mmap_index_bytes(sizes: np.ndarray, dtype: np.dtype) -> bytes:
-    """The .idx file fairseq's `MMapIndexedDataset.Index.writer` writes for these sentence sizes."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    pointers = (np.cumsum(sizes) - sizes) * dtype.itemsize  # byte offset of each sentence
-    return b"".join(
-        [
-            _MMAP_MAGIC,
-            struct.pack("<Q", _MMAP_VERSION),
-            struct.pack("<B", _MMAP_DTYPE_CODES[dtype]),
-            struct.pack("<Q", len(sizes)),
-            sizes.astype(np.int32).tobytes(order="C"),
-            pointers.astype(np.int64).tobytes(order="C"),
-        ]
-    )
-
-
-def sentence_sizes(fids: np.ndarray) -> np.ndarray:
-    """Tokens per sentence (incl. eos): the runs of `fids` ending in id 0."""
-    ends = np.flatnonzero(fids == 0) + 1
-    assert len(fids) == 0 or ends[-1] == len(fids), "every line ends with an eos"
-    return np.diff(ends, prepend=0)
-
-
-def write_split(prefix: Path, scan: Scan, table: np.ndarray, dtype: np.dtype) -> dict[str, int]:
-    """Write `prefix`.bin/.idx for one split; return its sentence and token counts.
-
-    Written with numpy rather than fairseq's `MMapIndexedDatasetBuilder`: the
-    builder takes one tensor per sentence and its index writer computes pointers
-    in a Python loop, ~2 us per sentence; here the whole split is three array
-    operations. The bytes are the same (checked against fairseq-preprocess in
-    tests/test_preprocess.py).
-    """
-    sizes = sentence_sizes(scan.fids)
-    data = table.astype(dtype)[scan.fids]
-    with open(prefix.with_suffix(".bin"), "wb") as f:
-        f.write(data.tobytes(order="C"))
-    with open(prefix.with_suffix(".idx"), "wb") as f:
-        f.write(mmap_index_bytes(sizes, dtype))
-    return {"sentences": int(len(sizes)), "tokens": int(len(data))}
-
-
-def verify_split(prefix: Path, stats: dict[str, int], dtype: np.dtype) -> None:
-    """The files on disk have the sizes the counts imply (catches truncated writes)."""
-    bin_size = prefix.with_suffix(".bin").stat().st_size
-    idx_size = prefix.with_suffix(".idx").stat().st_size
-    want_idx = len(_MMAP_MAGIC) + 8 + 1 + 8 + stats["sentences"] * (4 + 8)
-    if bin_size != stats["tokens"] * dtype.itemsize or idx_size != want_idx:
-        raise OSError(f"{prefix}.bin/.idx are {bin_size}/{idx_size} bytes, expected "
-                      f"{stats['tokens'] * dtype.itemsize}/{want_idx}")
-
-
-# --------------------------------------------------------------------------- checks and atomicity
-
-
-def check_inputs(corpus_dir: Path, dest_dir: Path, *, threshold: int, nwords: int,
-                 padding_factor: int, workers: int) -> dict[str, Path]:
-    """Every problem with the arguments, raised once before any work; the split paths."""
-    problems = []
-    for name, value in (("threshold", threshold), ("nwords", nwords), ("padding_factor", padding_factor)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            problems.append(f"{name} must be an integer, got {value!r}")
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        problems.append(f"workers must be an integer >= 1, got {workers!r}")
-    paths = {s: corpus_dir / f"{s}.txt" for s in SPLITS}
-    for p in paths.values():
-        if not p.is_file():
-            problems.append(
-                f"missing {p}: the corpus directory must hold train.txt, valid.txt and test.txt "
-                "(one sentence per line); add the file or point --corpus at the directory that has them"
-            )
-    if dest_dir.exists() and not dest_dir.is_dir():
-        problems.append(f"{dest_dir} exists and is not a directory; remove it or choose another --out")
-    elif dest_dir.is_dir():
-        foreign = sorted(p.name for p in dest_dir.iterdir() if p.name not in OUTPUT_NAMES)
-        if foreign:
-            problems.append(
-                f"{dest_dir} holds files that are not preprocessing output ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out"
-            )
-    if problems:
-        raise LmforgeError("; ".join(problems))
-    return paths
+# --------------------------------------------------------------------------- local staging of outputs
 
 
 def replace_dir(src: Path, dest: Path) -> None:
@@ -392,6 +158,54 @@ def replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged(uri: str, last: str | None = None) -> Iterator[Path]:
+    """A local directory whose files become the directory `uri` when the block finishes without error.
+
+    Local: a temporary sibling renamed into place (readers never see half of
+    it). S3: a scratch directory uploaded file by file, each verified, the
+    file named `last` after all the others (its presence says the rest is there).
+    """
+    local = storage.local_path(uri)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+        try:
+            yield tmp
+            replace_dir(tmp, local)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
+    with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as tmp:
+        yield Path(tmp)
+        names = sorted(p.name for p in Path(tmp).iterdir())
+        for name in sorted(names, key=lambda n: n == last):
+            storage.put_file(Path(tmp) / name, storage.join(uri, name))
+
+
+@contextlib.contextmanager
+def fetched(uri: str, names: Sequence[str]) -> Iterator[Path]:
+    """A local directory holding `names` from the directory `uri` (itself when local, else a verified copy)."""
+    local = storage.local_path(uri)
+    if local is not None:
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as tmp:
+        for name in names:
+            storage.get_file(storage.join(uri, name), Path(tmp) / name)
+        yield Path(tmp)
+
+
+def fetched_tokenizer(uri: str) -> contextlib.AbstractContextManager[Path]:
+    """The tokenizer directory `uri`, locally (manifest and model file)."""
+    local = storage.local_path(uri)
+    if local is not None:
+        return contextlib.nullcontext(local)
+    names = [n for n in storage.list_files(uri) if "/" not in n]
+    return fetched(uri, names)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -400,59 +214,535 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- the step
+def split_uri(corpus_dir: str, split: str) -> str:
+    return storage.join(corpus_dir, f"{split}.txt")
+
+
+# --------------------------------------------------------------------------- 1. prepare
+
+
+def prepare(corpus_dir: str, work_dir: str, settings: Settings, shards: int) -> list[Shard]:
+    """Save the tokenizer under `work_dir`/tokenizer and return the shard plan (also saved as plan.json)."""
+    from lmforge import tokenization
+
+    started = time.perf_counter()
+    tok_uri = storage.join(work_dir, "tokenizer")
+    with staged(tok_uri, last=TOKENIZER_MANIFEST) as tmp:
+        if settings.tokenizer == "none":
+            tokenization.save_none(tmp)
+        elif settings.tokenizer_file:
+            tokenization.install_tokenizer(settings.tokenizer, settings.tokenizer_file, tmp)
+        else:
+            lines = training_lines(split_uri(corpus_dir, "train"), settings.tokenizer_sample_bytes)
+            tokenization.train_tokenizer(settings.tokenizer, lines, tmp, vocab_size=settings.vocab_size,
+                                         model_type=settings.model_type)
+        tokenizer = load_tokenizer(tmp)
+    logger.info("tokenizer %s ready in %.1f s", tokenizer, time.perf_counter() - started)
+    plan = shards_mod.plan_shards({s: split_uri(corpus_dir, s) for s in SPLITS}, shards)
+    with staged(storage.join(work_dir, "plan")) as tmp:
+        (tmp / "plan.json").write_text(json.dumps([json.loads(s.to_json()) for s in plan], indent=1) + "\n")
+    return plan
+
+
+def training_lines(train_uri: str, sample_bytes: int) -> Iterator[str]:
+    """The train split's lines (all, or the lines of its first `sample_bytes` bytes, cut at a line end)."""
+    size = storage.size(train_uri)
+    end = size
+    if 0 < sample_bytes < size:  # the line holding byte sample_bytes - 1 is the last one read
+        end = shards_mod.line_end_at_or_after(lambda a, b: storage.read_range(train_uri, a, b), size, sample_bytes - 1)
+    for block in shards_mod.iter_text_blocks(train_uri, 0, end):
+        yield from block.split("\n")[:-1]
+
+
+# --------------------------------------------------------------------------- 2. count (map)
+
+
+def line_sentinel(text: str, taken: dict[str, int]) -> str:
+    """A token that occurs nowhere in `text` and is not a key of `taken`.
+
+    It is appended to every line, so it marks each line's eos in the token
+    stream; NUL (not whitespace, so one token) is absent from real text.
+    """
+    s = "\x00"
+    while s in text or s in taken:
+        s += "\x00"
+    return s
+
+
+class Factorizer:
+    """Token strings -> small integer ids in order of first use (id 0: end of line)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.types: list[str] = [""]  # id 0: end of line
+        self.counts = np.zeros(1, dtype=np.int64)
+
+    def block(self, text: str) -> np.ndarray:
+        """Ids of the tokens of `text` (lines ending in "\\n"), each line followed by a 0."""
+        eol = line_sentinel(text, self.ids)
+        tokens = text.replace("\n", f" {eol}\n").split()
+        factor = self.ids
+        factor[eol] = 0
+        # One C-level lookup per token; only tokens not seen before (-1: most of
+        # the first block, ~1% later) go through Python. ~20% faster than
+        # deduplicating each block with dict.fromkeys first.
+        ids = np.fromiter(map(factor.get, tokens, repeat(-1)), dtype=np.int32, count=len(tokens))
+        types = self.types
+        for i in np.flatnonzero(ids < 0).tolist():
+            token = tokens[i]
+            fid = factor.get(token)
+            if fid is None:
+                fid = factor[token] = len(types)
+                types.append(token)
+            ids[i] = fid
+        del factor[eol]
+        counts = np.bincount(ids, minlength=len(types))
+        counts[: len(self.counts)] += self.counts
+        self.counts = counts
+        return ids
+
+
+def encode_block(text: str, tokenizer: Tokenizer) -> str:
+    """A block of raw lines -> the same lines as tokenizer output (for `none`, the text itself)."""
+    if tokenizer.kind == "none":
+        return text
+    lines = text.split("\n")[:-1]  # "\n" only: fairseq's lines (other Unicode breaks stay inside a line)
+    return "\n".join(tokenizer.encode_lines(lines)) + "\n"
+
+
+def scan_range(uri: str, start: int, end: int, tokenizer: Tokenizer, ids_file: Path,
+               block_bytes: int | None = None) -> Factorizer:
+    """Tokenize bytes [start, end) of `uri`, writing the ids to `ids_file`; the types and counts."""
+    factorizer = Factorizer()
+    with open(ids_file, "wb") as out:
+        for text in shards_mod.iter_text_blocks(uri, start, end, block_bytes or shards_mod.BLOCK_BYTES):
+            out.write(factorizer.block(encode_block(text, tokenizer)).tobytes())
+    return factorizer
+
+
+def write_types(path: Path, factorizer: Factorizer) -> None:
+    """Types (without the eol placeholder) one per line: tokens hold no whitespace, so no "\\n"."""
+    path.write_text("\n".join(factorizer.types[1:]), encoding="utf-8")
+
+
+def read_types(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return [""] + (text.split("\n") if text else [])
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+COUNT_FILES = tuple(f"{s}.{e}" for s in SPLITS for e in ("ids", "types", "counts")) + ("shard.json",)
+
+
+def count_shard(corpus_dir: str, work_dir: str, shard: Shard) -> str:
+    """Map 1: tokenize and count shard `shard` of every split; returns the shard's count directory.
+
+    Writes `{split}.ids` (int32 ids, 0 = end of line), `{split}.types` and
+    `{split}.counts` (int64 per id; [0] is the number of lines) and, last,
+    `shard.json` with the shard and its token counts.
+    """
+    out = storage.join(work_dir, "count", shard_name(shard.index))
+    with fetched_tokenizer(storage.join(work_dir, "tokenizer")) as tok_dir:
+        tokenizer = load_tokenizer(tok_dir)
+        with staged(out, last="shard.json") as tmp:
+            stats = {}
+            for split, (start, end) in shard.ranges.items():
+                f = scan_range(split_uri(corpus_dir, split), start, end, tokenizer, tmp / f"{split}.ids")
+                write_types(tmp / f"{split}.types", f)
+                (tmp / f"{split}.counts").write_bytes(f.counts.tobytes())
+                stats[split] = {"sentences": int(f.counts[0]), "tokens": int(f.counts.sum()), "types": len(f.types) - 1}
+            (tmp / "shard.json").write_text(json.dumps({"shard": json.loads(shard.to_json()), "splits": stats},
+                                                       sort_keys=True) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- 3. dictionary (reduce)
+
+
+def finalize_dictionary(counts: dict[str, int], *, threshold: int, nwords: int,
+                        padding_factor: int) -> list[tuple[str, int]]:
+    """fairseq's `Dictionary` built from `counts` (token -> count, "</s>" holding one per line) and finalized.
+
+    Returns every symbol after the 4 specials, with its count, in index order:
+    what `dict.txt` lists. The rules are `Dictionary.add_symbol`, `finalize`
+    and `pad_to_multiple_`: specials keep indices 0-3 (a literal special in the
+    text only adds to its count), the rest sorted by count descending with
+    ties alphabetical, cut at `nwords` (counting the specials; <= 0: all) and
+    at the first count below `threshold`, then `madeupwordNNNN` (count 0)
+    appended until the size is a multiple of `padding_factor`.
+    """
+    words = sorted((w, c) for w, c in counts.items() if w not in SPECIALS)
+    n = len(SPECIALS) + len(words) if nwords <= 0 else nwords
+    # heapq.nlargest is sorted(..., reverse=True)[:n] with ties kept in input (alphabetical) order:
+    # exactly Counter.most_common, which finalize uses.
+    kept = []
+    for word, count in heapq.nlargest(n - len(SPECIALS), words, key=lambda wc: wc[1]):
+        if count < threshold:
+            break
+        kept.append((word, count))
+    present = set(SPECIALS) | {w for w, _ in kept}
+    i = 0
+    while padding_factor > 1 and (len(SPECIALS) + len(kept)) % padding_factor:
+        word = f"madeupword{i:04d}"
+        if word not in present:
+            kept.append((word, 0))
+            present.add(word)
+        i += 1
+    return kept
+
+
+def dictionary_text(symbols: list[tuple[str, int]]) -> str:
+    return "".join(f"{w} {c}\n" for w, c in symbols)
+
+
+def read_dictionary(path: Path) -> dict[str, int]:
+    """dict.txt -> symbol -> index (specials included), as fairseq's `Dictionary.load` gives them."""
+    index = {w: i for i, w in enumerate(SPECIALS)}
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if line:
+            word = line.rsplit(" ", 1)[0]
+            index.setdefault(word, len(index))
+    return index
+
+
+def id_table(types: list[str], index: dict[str, int]) -> np.ndarray:
+    """Shard id -> dictionary index (unknown types -> unk, id 0 -> eos), as int64."""
+    table = np.fromiter(map(index.get, types, repeat(UNK_INDEX)), dtype=np.int64, count=len(types))
+    table[0] = EOS_INDEX
+    return table
+
+
+def _read_counts(directory: Path, split: str) -> tuple[list[str], np.ndarray]:
+    types = read_types(directory / f"{split}.types")
+    counts = np.fromfile(directory / f"{split}.counts", dtype=np.int64)
+    assert len(types) == len(counts), f"{directory}: {split}.types and {split}.counts disagree"
+    return types, counts
+
+
+def build_dictionary(work_dir: str, count_dirs: Sequence[str], settings: Settings) -> str:
+    """Reduce: `dict.txt` from the train counts of every shard, and `summary.json`; returns their directory."""
+    started = time.perf_counter()
+    names = [f"{s}.{e}" for s in SPLITS for e in ("types", "counts")]
+    totals: dict[str, int] = {}
+    for uri in count_dirs:
+        with fetched(uri, names) as d:
+            types, counts = _read_counts(d, "train")
+            # id 0 is the end of a line: fairseq counts one "</s>" per line.
+            types[0] = SPECIALS[EOS_INDEX]
+            for word, n in zip(types, counts.tolist()):
+                totals[word] = totals.get(word, 0) + n
+    symbols = finalize_dictionary(totals, threshold=settings.threshold, nwords=settings.nwords,
+                                  padding_factor=settings.padding_factor)
+    index = {w: i for i, w in enumerate(SPECIALS)} | {w: i + len(SPECIALS) for i, (w, _) in enumerate(symbols)}
+    splits = {s: {"sentences": 0, "tokens": 0, "unk": 0} for s in SPLITS}
+    for uri in count_dirs:
+        with fetched(uri, names) as d:
+            for split in SPLITS:
+                types, counts = _read_counts(d, split)
+                # fairseq's "replaced": tokens that became <unk> without being a literal "<unk>".
+                replaced = id_table(types, index) == UNK_INDEX
+                with contextlib.suppress(ValueError):
+                    replaced[types.index(SPECIALS[UNK_INDEX], 1)] = False
+                stats = splits[split]
+                stats["sentences"] += int(counts[0])
+                stats["tokens"] += int(counts.sum())
+                stats["unk"] += int(counts[replaced].sum())
+    out = storage.join(work_dir, "dict")
+    with staged(out, last="summary.json") as tmp:
+        (tmp / "dict.txt").write_text(dictionary_text(symbols), encoding="utf-8")
+        with fetched_tokenizer(storage.join(work_dir, "tokenizer")) as tok_dir:
+            tokenizer = load_tokenizer(tok_dir)
+        summary = {
+            "vocab_size": len(SPECIALS) + len(symbols),
+            "dict_sha256": file_sha256(tmp / "dict.txt"),
+            "splits": splits,
+            "tokenizer": {"kind": tokenizer.kind, "sha256": tokenizer.sha256},
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    logger.info("dictionary: %d symbols from %d shards in %.1f s", summary["vocab_size"], len(count_dirs),
+                time.perf_counter() - started)
+    return out
+
+
+# --------------------------------------------------------------------------- 4. binarize (map)
+
+
+def iter_sentence_sizes(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """Id chunks (of lines that each end in id 0) -> sentence sizes incl. eos, chunk by chunk."""
+    carry = 0
+    for ids in chunks:
+        ends = np.flatnonzero(ids == 0) + 1
+        if len(ends):
+            sizes = np.diff(ends, prepend=0)
+            sizes[0] += carry
+            carry = len(ids) - int(ends[-1])
+            yield sizes
+        else:
+            carry += len(ids)
+    assert carry == 0, "every line ends with an eos"
+
+
+def iter_ids(path: Path, chunk: int | None = None) -> Iterator[np.ndarray]:
+    """The int32 values of `path` in runs of `chunk` (default ID_CHUNK)."""
+    with open(path, "rb") as f:
+        while True:
+            ids = np.fromfile(f, dtype=np.int32, count=chunk or ID_CHUNK)
+            if not len(ids):
+                return
+            yield ids
+
+
+def written(chunks: Iterator[np.ndarray], table: np.ndarray, out: Any) -> Iterator[np.ndarray]:
+    """Pass id chunks through, writing each one's dictionary indices to `out` on the way."""
+    for ids in chunks:
+        out.write(table[ids].tobytes())
+        yield ids
+
+
+BIN_FILES = tuple(f"{s}.{e}" for s in SPLITS for e in ("bin", "sizes")) + ("bin.json",)
+
+
+def binarize_shard(work_dir: str, count_dir: str, dictionary_dir: str) -> str:
+    """Map 2: the shard's ids through dict.txt into `{split}.bin` (fairseq's dtype) and `{split}.sizes` (int32)."""
+    index_name = count_dir.rstrip("/").rsplit("/", 1)[-1]
+    out = storage.join(work_dir, "bin", index_name)
+    with fetched(dictionary_dir, ["dict.txt"]) as d:
+        index = read_dictionary(d / "dict.txt")
+    dtype = best_fitting_dtype(len(index))
+    with fetched(count_dir, COUNT_FILES) as src, staged(out, last="bin.json") as tmp:
+        stats = {}
+        for split in SPLITS:
+            table = id_table(read_types(src / f"{split}.types"), index).astype(dtype)
+            tokens = sentences = 0
+            with open(tmp / f"{split}.bin", "wb") as bin_out, open(tmp / f"{split}.sizes", "wb") as sizes_out:
+                for sizes in iter_sentence_sizes(written(iter_ids(src / f"{split}.ids"), table, bin_out)):
+                    sizes_out.write(sizes.astype(np.int32).tobytes())
+                    sentences += len(sizes)
+                    tokens += int(sizes.sum())
+            stats[split] = {"sentences": sentences, "tokens": tokens}
+        shard_info = json.loads((src / "shard.json").read_text())
+        (tmp / "bin.json").write_text(json.dumps({"shard": shard_info["shard"], "dtype": dtype.name, "splits": stats},
+                                                 sort_keys=True) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- 5. merge
+
+
+def copy_into(dst: Any, src: Path, chunk: int = 8 << 20) -> int:
+    n = 0
+    with open(src, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            dst.write(block)
+            n += len(block)
+    return n
+
+
+def write_merged_split(prefix: Path, parts: Sequence[Path], split: str, dtype: np.dtype) -> dict[str, int]:
+    """One split's `.bin`/`.idx` from the shards' parts, in order (fairseq's `merge_file_` then `finalize`)."""
+    counts = [(p / f"{split}.sizes").stat().st_size // 4 for p in parts]
+    with open(prefix.with_suffix(".bin"), "wb") as out:
+        nbytes = sum(copy_into(out, p / f"{split}.bin") for p in parts)
+    with open(prefix.with_suffix(".idx"), "wb") as out:
+        out.write(_MMAP_MAGIC + struct.pack("<Q", _MMAP_VERSION) + struct.pack("<B", _MMAP_DTYPE_CODES[dtype])
+                  + struct.pack("<Q", sum(counts)))
+        for p in parts:
+            copy_into(out, p / f"{split}.sizes")
+        pointer = 0  # byte offset of the next sentence in .bin
+        for p in parts:
+            for sizes in iter_ids(p / f"{split}.sizes"):
+                offsets = np.cumsum(sizes, dtype=np.int64) * dtype.itemsize
+                out.write((offsets - sizes.astype(np.int64) * dtype.itemsize + pointer).tobytes())
+                pointer += int(offsets[-1])
+    stats = {"sentences": sum(counts), "tokens": nbytes // dtype.itemsize}
+    verify_split(prefix, stats, dtype)
+    return stats
+
+
+def verify_split(prefix: Path, stats: dict[str, int], dtype: np.dtype) -> None:
+    """The files on disk have the sizes the counts imply (catches truncated writes)."""
+    bin_size = prefix.with_suffix(".bin").stat().st_size
+    idx_size = prefix.with_suffix(".idx").stat().st_size
+    want_idx = _MMAP_HEADER_BYTES + stats["sentences"] * (4 + 8)
+    if bin_size != stats["tokens"] * dtype.itemsize or idx_size != want_idx:
+        raise OSError(f"{prefix}.bin/.idx are {bin_size}/{idx_size} bytes, expected "
+                      f"{stats['tokens'] * dtype.itemsize}/{want_idx}")
+
+
+def merge_shards(work_dir: str, bin_dirs: Sequence[str], dictionary_dir: str, dest: str) -> dict[str, Any]:
+    """Join the shards' binarized parts in order into the data-bin `dest`; returns the summary."""
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        d = stack.enter_context(fetched(dictionary_dir, ["dict.txt", "summary.json"]))
+        tok = stack.enter_context(fetched_tokenizer(storage.join(work_dir, "tokenizer")))
+        parts = [stack.enter_context(fetched(uri, BIN_FILES)) for uri in bin_dirs]
+        summary = json.loads((d / "summary.json").read_text())
+        dtype = best_fitting_dtype(summary["vocab_size"])
+        with staged(dest, last="summary.json") as tmp:
+            for split in SPLITS:
+                stats = write_merged_split(tmp / split, parts, split, dtype)
+                want = summary["splits"][split]
+                if (stats["sentences"], stats["tokens"]) != (want["sentences"], want["tokens"]):
+                    raise OSError(f"{split}: merged {stats} but the counts said {want}; a shard output is damaged")
+            for f in load_tokenizer(tok).files():
+                shutil.copyfile(f, tmp / f.name)
+            shutil.copyfile(d / "dict.txt", tmp / "dict.txt")
+            # summary.json last: on S3 its presence says the data-bin is complete.
+            shutil.copyfile(d / "summary.json", tmp / "summary.json")
+    logger.info("merged %d shards into %s in %.1f s", len(bin_dirs), dest, time.perf_counter() - started)
+    return summary
+
+
+# --------------------------------------------------------------------------- one machine
+
+
+def check_inputs(corpus_dir: str, dest_dir: str, settings: Settings, *, workers: int, shards: int) -> None:
+    """Every problem with the arguments, raised once before any work."""
+    problems = []
+    for name in ("threshold", "nwords", "padding_factor", "vocab_size", "tokenizer_sample_bytes"):
+        value = getattr(settings, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{name} must be an integer, got {value!r}")
+    for name, value in (("workers", workers), ("shards", shards)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} must be an integer >= 1, got {value!r}")
+    from lmforge.tokenization import KINDS
+
+    if settings.tokenizer not in KINDS:
+        problems.append(f"tokenizer {settings.tokenizer!r} is unknown (use {', '.join(KINDS)})")
+    for split in SPLITS:
+        uri = split_uri(corpus_dir, split)
+        if not storage.exists(uri):
+            problems.append(
+                f"missing {uri}: the corpus directory must hold train.txt, valid.txt and test.txt "
+                "(one sentence per line); add the file or point --corpus at the directory that has them"
+            )
+    dest = storage.local_path(dest_dir)
+    if dest is not None and dest.exists() and not dest.is_dir():
+        problems.append(f"{dest} exists and is not a directory; remove it or choose another --out")
+    elif dest is not None and dest.is_dir():
+        foreign = sorted(p.name for p in dest.iterdir() if p.name not in OUTPUT_NAMES)
+        if foreign:
+            problems.append(
+                f"{dest} holds files that are not preprocessing output ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out"
+            )
+    if problems:
+        raise LmforgeError("; ".join(problems))
+
+
+class _Progress:
+    """A tqdm bar in a terminal, a log line per finished task elsewhere."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        from tqdm import tqdm
+
+        from lmforge.logs import progress_enabled
+
+        self.desc, self.total, self.done = desc, total, 0
+        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress_enabled())
+
+    def update(self, n: int, what: str) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.bar.disable:
+            logger.info("%s: %s done (%.0f%%)", self.desc, what, 100 * self.done / max(1, self.total))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool of `workers`: forked where that is safe (a worker then starts in milliseconds,
+    not the ~0.3 s of importing numpy and lmforge again), else spawned. Forking a process whose
+    threads may hold locks can deadlock the child: tokenizers' Rust thread pool (after training
+    or encoding) and torch's (fairseq imported) are such; numpy's OpenBLAS threads are not
+    (OpenBLAS re-creates them after a fork)."""
+    threaded = any(name in sys.modules for name in ("tokenizers", "torch"))
+    ctx = multiprocessing.get_context("spawn" if threaded or sys.platform != "linux" else "fork")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _run_all(fn: Callable[..., str], jobs: list[tuple], pool: ProcessPoolExecutor | None, bar: _Progress,
+             sizes: list[int], names: list[str]) -> list[str]:
+    """Run `fn(*job)` for every job, on `pool` when given; results in job order."""
+    if pool is None:
+        results = []
+        for job, size, name in zip(jobs, sizes, names):
+            results.append(fn(*job))
+            bar.update(size, name)
+        return results
+    futures = [pool.submit(fn, *job) for job in jobs]
+    for future, size, name in zip(futures, sizes, names):
+        future.result()
+        bar.update(size, name)
+    return [f.result() for f in futures]
 
 
 def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int = 0, nwords: int = -1,
-               padding_factor: int = 8, workers: int = 1) -> dict[str, Any]:
-    """Build fairseq's dictionary from train.txt and binarize all three splits into `dest_dir`.
+               padding_factor: int = 8, workers: int = 1, shards: int | None = None, tokenizer: str = "none",
+               model_type: str = "bpe", vocab_size: int = 8000, tokenizer_sample_bytes: int = 0,
+               tokenizer_file: str = "", work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Build fairseq's dictionary from train.txt and binarize all three splits into `dest_dir`, on this machine.
 
-    Args mirror fairseq-preprocess: `threshold` (--thresholdsrc: words seen fewer
-    times become <unk>), `nwords` (--nwordssrc: dictionary size incl. the 4
-    specials, -1 for all), `padding_factor` (--padding-factor), `workers`
-    (processes; the output does not depend on it).
+    The same stages the pipeline fans out, with `shards` shards (default: one per
+    worker) run on `workers` processes. Args mirror fairseq-preprocess: `threshold`
+    (--thresholdsrc), `nwords` (--nwordssrc: dictionary size incl. the 4
+    specials, -1 for all), `padding_factor` (--padding-factor); the tokenizer
+    settings are those of the `preprocess` config section. The output does not
+    depend on `workers` or `shards`.
 
     Returns (and writes as `dest_dir/summary.json`)::
 
         {"vocab_size": len(dictionary) incl. specials and padding,
          "dict_sha256": sha256 of dict.txt,
          "splits": {split: {"sentences": lines, "tokens": ids incl. one eos per line,
-                            "unk": tokens replaced by <unk> (literal "<unk>" not counted)}}}
+                            "unk": tokens replaced by <unk> (literal "<unk>" not counted)}},
+         "tokenizer": {"kind": ..., "sha256": ... ("" for none)}}
 
     Raises LmforgeError (one line, before any work) for a missing split file, a bad
     argument or a `dest_dir` holding other files. Output appears at `dest_dir`
     only when complete; on failure earlier output there is left as it was.
     """
-    corpus_dir, dest_dir = Path(corpus_dir), Path(dest_dir)
-    paths = check_inputs(corpus_dir, dest_dir, threshold=threshold, nwords=nwords,
-                         padding_factor=padding_factor, workers=workers)
-
-    from fairseq.data.indexed_dataset import best_fitting_int_dtype
-
+    corpus_dir, dest_dir = str(corpus_dir), str(dest_dir)
+    settings = Settings(threshold=threshold, nwords=nwords, padding_factor=padding_factor, tokenizer=tokenizer,
+                        model_type=model_type, vocab_size=vocab_size, tokenizer_sample_bytes=tokenizer_sample_bytes,
+                        tokenizer_file=tokenizer_file)
+    shards = workers if shards is None else shards
+    check_inputs(corpus_dir, dest_dir, settings, workers=workers, shards=shards)
     started = time.perf_counter()
-    tmp = dest_dir.parent / f"{dest_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run that had our pid
-    tmp.mkdir(parents=True)
-    try:
-        scans = scan_splits(paths, workers)
-        d = build_dictionary(scans["train"], threshold=threshold, nwords=nwords, padding_factor=padding_factor)
-        d.save(str(tmp / "dict.txt"))
-        # fairseq sizes the dtype by len(dictionary): uint16 below 65500 symbols, then uint32.
-        dtype = np.dtype(best_fitting_int_dtype(len(d)))
-        splits = {}
-        for name in SPLITS:
-            table = id_table(scans[name].uniques, d)
-            stats = write_split(tmp / name, scans[name], table, dtype)
-            verify_split(tmp / name, stats, dtype)
-            stats["unk"] = count_replaced(scans[name], table, d)
-            splits[name] = stats
-            logger.info("%s: %d sentences, %d tokens, %d replaced by %s",
-                        name, stats["sentences"], stats["tokens"], stats["unk"], d.unk_word)
-        summary = {"vocab_size": len(d), "dict_sha256": file_sha256(tmp / "dict.txt"), "splits": splits}
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        replace_dir(tmp, dest_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("wrote %s (%d types) in %.1f s", dest_dir, len(d), time.perf_counter() - started)
+    dest_local = storage.local_path(dest_dir)
+    scratch_parent = dest_local.parent if dest_local is not None and work_dir is None else None
+    if scratch_parent is not None:
+        scratch_parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix=".preprocess-", dir=scratch_parent))
+        else:
+            work = str(work_dir)
+        plan = prepare(corpus_dir, work, settings, shards)
+        sizes = [s.nbytes for s in plan]
+        names = [f"shard {s.index + 1}/{len(plan)}" for s in plan]
+        bar = _Progress(2 * sum(sizes), "preprocess")
+        stack.callback(bar.close)
+        pool = stack.enter_context(_pool(min(workers, len(plan)))) if min(workers, len(plan)) > 1 else None
+        counted = _run_all(count_shard, [(corpus_dir, work, s) for s in plan], pool, bar, sizes,
+                           [f"{n} counted" for n in names])
+        dictionary = build_dictionary(work, counted, settings)
+        parts = _run_all(binarize_shard, [(work, c, dictionary) for c in counted], pool, bar, sizes,
+                         [f"{n} binarized" for n in names])
+        summary = merge_shards(work, parts, dictionary, dest_dir)
+    for name, stats in summary["splits"].items():
+        logger.info("%s: %d sentences, %d tokens, %d replaced by <unk>", name, stats["sentences"], stats["tokens"],
+                    stats["unk"])
+    logger.info("wrote %s (%d types, %d shards, %d workers) in %.1f s", dest_dir, summary["vocab_size"], len(plan),
+                workers, time.perf_counter() - started)
     return summary
+
+
+def settings_kwargs(p: Any) -> dict[str, Any]:
+    """`preprocess()` keyword arguments from a `config.PreprocessConfig`."""
+    return asdict(Settings.from_config(p))

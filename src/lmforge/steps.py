@@ -18,11 +18,12 @@ import functools
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from lmforge import __version__, tracking
+from lmforge import __version__, storage, tracking
 from lmforge import config as config_mod
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
@@ -61,13 +62,21 @@ class RegisterOutputs(NamedTuple):
     mlflow_run_id: str
 
 
-def run_dir(cfg: RunConfig, pipeline_run_id: str) -> Path:
-    return Path(cfg.storage.root) / cfg.name / pipeline_run_id
+def run_dir(cfg: RunConfig, pipeline_run_id: str) -> str:
+    """Where one pipeline run's own outputs live (checkpoints, evaluation): a path or an s3:// URI."""
+    return storage.join(cfg.storage.root, cfg.name, pipeline_run_id)
 
 
-def data_dir(cfg: RunConfig, kind: str, key: str) -> Path:
+def data_dir(cfg: RunConfig, kind: str, key: str) -> str:
     """Where a data stage's output lives: named by content, shared by every run that needs it."""
-    return Path(cfg.storage.root) / "data" / kind / key
+    return storage.join(cfg.storage.root, "data", kind, key)
+
+
+def scratch_dir(name: str) -> Path:
+    """Local working space of a step whose outputs go to S3 (a pod's disk, or this machine's)."""
+    path = Path(os.environ.get("LMFORGE_SCRATCH", Path(tempfile.gettempdir()) / "lmforge")) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -104,9 +113,14 @@ def _mlflow_run(cfg: RunConfig, pipeline_run_id: str) -> str:
 
 
 @step("configure")
-def configure(config_json: str) -> ConfigureOutputs:
-    """Validate the run config once, up front, and cut out what each data stage depends on."""
-    cfg = config_mod.from_json(config_json)
+def configure(config_json: str, **parameters: Any) -> ConfigureOutputs:
+    """Validate the run config once, up front, and cut out what each data stage depends on.
+    `parameters`: the pipeline's run-form values (lmforge.run_parameters), empty or 0 for "as in config_json"."""
+    from lmforge import run_parameters
+
+    cfg = config_mod.from_dict(run_parameters.apply(json.loads(config_json), parameters))
+    if run_parameters.in_kfp_pod(os.environ):
+        cfg = run_parameters.for_cluster_pod(cfg, os.environ)
     return ConfigureOutputs(
         cfg.to_json(), config_mod.stage_json(cfg, "download"), config_mod.stage_json(cfg, "preprocess")
     )
@@ -119,13 +133,29 @@ def download(download_json: str) -> DownloadOutputs:
     from lmforge.download import download_corpus
 
     cfg = config_mod.from_stage_json(download_json)
-    out = data_dir(cfg, "corpus", config_mod.content_key(download_json))
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    key = config_mod.content_key(download_json)
+    out = data_dir(cfg, "corpus", key)
+    remote = storage.is_remote(out)
+    if remote and storage.exists(storage.join(out, "manifest.json")):
+        # Another run (or an earlier attempt of this one) published it: manifest.json is uploaded last.
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.get_file(storage.join(out, "manifest.json"), Path(tmp) / "manifest.json")
+            manifest = json.loads((Path(tmp) / "manifest.json").read_text())
+        log.info("corpus already in %s (sha256 %s)", out, manifest["sha256"])
+        return DownloadOutputs(out, manifest["sha256"])
+    local_out = scratch_dir("corpus") / key if remote else Path(out)
+    cache = scratch_dir("cache") if remote else Path(cfg.storage.root) / "cache"
     manifest = download_corpus(
-        cfg.corpus.source, out, sha256=cfg.corpus.sha256, size=cfg.corpus.size,
-        members=dict(cfg.corpus.members), cache_dir=Path(cfg.storage.root) / "cache",
+        cfg.corpus.source, local_out, sha256=cfg.corpus.sha256, size=cfg.corpus.size,
+        members=dict(cfg.corpus.members), cache_dir=cache,
     )
+    if remote:
+        for name in sorted(p.name for p in local_out.iterdir() if p.name != "manifest.json"):
+            storage.put_file(local_out / name, storage.join(out, name))
+        storage.put_file(local_out / "manifest.json", storage.join(out, "manifest.json"))
     log.info("corpus in %s (sha256 %s)", out, manifest["sha256"])
-    return DownloadOutputs(str(out), manifest["sha256"])
+    return DownloadOutputs(out, manifest["sha256"])
 
 
 def log_run_inputs(cfg: RunConfig, corpus_dir: str, data_bin: str) -> None:
@@ -133,35 +163,118 @@ def log_run_inputs(cfg: RunConfig, corpus_dir: str, data_bin: str) -> None:
     import mlflow
 
     tracking.log_params_flat(cfg.to_dict())
-    manifest = json.loads((Path(corpus_dir) / "manifest.json").read_text())
+    manifest = json.loads(storage.read_text(storage.join(corpus_dir, "manifest.json")))
     mlflow.set_tags({
         "lmforge.version": __version__, "lmforge.config_hash": cfg.config_hash(),
         "lmforge.corpus_sha256": manifest["sha256"],
     })
     mlflow.log_dict(manifest, "corpus/manifest.json")
     tracking.log_corpus_inputs(cfg.corpus.source, manifest, cfg.name)
-    summary_file = Path(data_bin) / "summary.json"
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
+    summary_file = storage.join(data_bin, "summary.json")
+    if storage.exists(summary_file):
+        summary = json.loads(storage.read_text(summary_file))
         mlflow.log_metric("vocab_size", summary["vocab_size"])
         for split, numbers in summary["splits"].items():
             mlflow.log_metrics({f"{split}_tokens": numbers["tokens"], f"{split}_sentences": numbers["sentences"]})
         mlflow.set_tag("lmforge.dict_sha256", summary["dict_sha256"])
-    mlflow.log_artifact(str(Path(data_bin) / "dict.txt"), "data-bin")
+    mlflow.log_text(storage.read_text(storage.join(data_bin, "dict.txt")), "data-bin/dict.txt")
 
 
 @step("preprocess")
 def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> PreprocessOutputs:
     """Cached by KFP on its inputs: the preprocess settings and the corpus (by digest)."""
     from lmforge.preprocess import preprocess as build
+    from lmforge.preprocess import settings_kwargs
 
     cfg = config_mod.from_stage_json(preprocess_json)
-    out = data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256))
+    out = Path(data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256)))
     p = cfg.preprocess
-    summary = build(
-        corpus_dir, out, threshold=p.threshold, nwords=p.nwords, padding_factor=p.padding_factor, workers=p.workers
-    )
+    summary = build(corpus_dir, out, workers=p.workers, shards=max(p.shards, p.workers), **settings_kwargs(p))
     return PreprocessOutputs(str(out), summary["dict_sha256"])
+
+
+# --------------------------------------------------------------------------- preprocessing as map-reduce
+# plan -> count (one task per shard) -> dictionary -> binarize (one per shard) -> merge; see
+# lmforge.preprocess. Each takes only the preprocess settings, the corpus and upstream outputs, all
+# content-addressed, so KFP's cache hits exactly when those are unchanged. No MLflow logging here.
+
+
+# The fan-outs iterate over lists of JSON shard descriptors, and each stage adds what the next one
+# needs: {"index", "ranges", "work_dir", "preprocess_json", "corpus_dir"} from the plan, then
+# "count", then "dictionary", then "bin" (URIs). A task inside a ParallelFor takes only its
+# descriptor: KFP's local runner (2.17) iterates only over a task's single output, and it replaces
+# every input of a loop body that comes from another task's output by the loop item.
+
+
+def _descriptors_in_order(items: list) -> list[dict[str, Any]]:
+    """Shard descriptors collected from a fan-out, in shard order (a collection's order is not promised)."""
+    return sorted((json.loads(x) for x in items), key=lambda d: int(d["index"]))
+
+
+def _preprocess_config(preprocess_json: str) -> RunConfig:
+    from lmforge import storage
+
+    cfg = config_mod.from_stage_json(preprocess_json)
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    return cfg
+
+
+@step("preprocess plan")
+def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> list:
+    """Tokenizer trained (or loaded) once, and the shard plan: one JSON descriptor per shard."""
+    from lmforge.preprocess import Settings, prepare
+
+    cfg = _preprocess_config(preprocess_json)
+    work_dir = str(data_dir(cfg, "preprocess", config_mod.content_key(preprocess_json, corpus_sha256)))
+    plan = prepare(corpus_dir, work_dir, Settings.from_config(cfg.preprocess), cfg.preprocess.shards)
+    common = {"work_dir": work_dir, "preprocess_json": preprocess_json, "corpus_dir": corpus_dir}
+    return [json.dumps({**json.loads(shard.to_json()), **common}, sort_keys=True) for shard in plan]
+
+
+@step("tokenize+count")
+def preprocess_count(shard: str) -> str:
+    """Map 1: one shard's ranges read, tokenized and counted."""
+    from lmforge.preprocess import count_shard
+    from lmforge.shards import Shard
+
+    d = json.loads(shard)
+    _preprocess_config(d["preprocess_json"])
+    return json.dumps({**d, "count": count_shard(d["corpus_dir"], d["work_dir"], Shard.from_json(shard))},
+                      sort_keys=True)
+
+
+@step("dictionary")
+def preprocess_dictionary(preprocess_json: str, counts: list) -> list:
+    """Reduce: dict.txt from every shard's counts; the shards again, in order, for map 2."""
+    from lmforge.preprocess import Settings, build_dictionary
+
+    cfg = _preprocess_config(preprocess_json)
+    shards = _descriptors_in_order(counts)
+    work_dir = shards[0]["work_dir"]
+    dictionary = build_dictionary(work_dir, [d["count"] for d in shards], Settings.from_config(cfg.preprocess))
+    return [json.dumps({**d, "dictionary": dictionary}, sort_keys=True) for d in shards]
+
+
+@step("binarize")
+def preprocess_binarize(shard: str) -> str:
+    """Map 2: one shard's ids through the dictionary into .bin parts and sentence sizes."""
+    from lmforge.preprocess import binarize_shard
+
+    d = json.loads(shard)
+    _preprocess_config(d["preprocess_json"])
+    return json.dumps({**d, "bin": binarize_shard(d["work_dir"], d["count"], d["dictionary"])}, sort_keys=True)
+
+
+@step("merge")
+def preprocess_merge(preprocess_json: str, corpus_sha256: str, parts: list) -> PreprocessOutputs:
+    """The shards joined in order into the data-bin (dict.txt, .bin/.idx, summary.json, tokenizer)."""
+    from lmforge.preprocess import merge_shards
+
+    cfg = _preprocess_config(preprocess_json)
+    shards = _descriptors_in_order(parts)
+    out = str(data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256)))
+    summary = merge_shards(shards[0]["work_dir"], [d["bin"] for d in shards], shards[0]["dictionary"], out)
+    return PreprocessOutputs(out, summary["dict_sha256"])
 
 
 @step("train")
@@ -170,7 +283,7 @@ def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str
     from lmforge.train import train as run_training
 
     cfg = config_mod.from_json(config_json)
-    save_dir = run_dir(cfg, pipeline_run_id) / "checkpoints"
+    save_dir = Path(run_dir(cfg, pipeline_run_id)) / "checkpoints"
     uri, run_id = tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)
     with tracking.active_run(uri, run_id):
         log_run_inputs(cfg, corpus_dir, data_bin)
@@ -194,8 +307,6 @@ def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: 
     from lmforge.evaluate import evaluate as score
     from lmforge.evaluate import mlflow_metrics
 
-    from lmforge import storage
-
     cfg = config_mod.from_json(config_json)
     storage.use_endpoint(cfg.storage.s3_endpoint)
     result = score(cfg, data_bin, checkpoint)
@@ -217,12 +328,9 @@ def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: 
 
 def _write_eval_metrics(cfg: RunConfig, pipeline_run_id: str, result: dict) -> str:
     """metrics.json under the run's outputs (local, or uploaded when storage.root is s3://)."""
-    import tempfile
-
-    from lmforge import storage
     from lmforge.evaluate import write_metrics
 
-    uri = storage.join(cfg.storage.root, cfg.name, pipeline_run_id, "eval", "metrics.json")
+    uri = storage.join(run_dir(cfg, pipeline_run_id), "eval", "metrics.json")
     if not storage.is_remote(uri):
         write_metrics(result, Path(uri))
         return uri
@@ -239,7 +347,6 @@ def register(
 ) -> RegisterOutputs:
     """Register through the promotion gate; `evaluation_json` is the evaluate step's result."""
     from lmforge.register import register_model
-    from lmforge import storage
     from lmforge.staging import local_dir, local_file
 
     cfg = config_mod.from_json(config_json)

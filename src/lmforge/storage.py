@@ -139,6 +139,11 @@ def _s3_range(loc: Location, start: int, end: int, chunk_size: int, endpoint_url
                 raise LmforgeError(f"reading {loc.uri} failed at byte {position} after {failures} attempts: {exc}") from None
 
 
+def read_text(uri: str | Path, *, endpoint_url: str | None = None) -> str:
+    """A small text file (a manifest, a summary) read whole."""
+    return read_range(uri, 0, size(uri, endpoint_url=endpoint_url), endpoint_url=endpoint_url).decode("utf-8")
+
+
 def get_file(uri: str | Path, dest: str | Path, *, endpoint_url: str | None = None) -> dict[str, Any]:
     """Copy `uri` to the local file `dest` atomically; verify size (and sha256 where it was recorded)."""
     loc, dest = _parse(uri), Path(dest)

@@ -63,4 +63,4 @@ def _run_dir_of(cfg: RunConfig, mlflow_run_id: str) -> Path:
     from lmforge.tracking import PIPELINE_RUN_TAG
 
     run = MlflowClient(steps.tracking_uri(cfg)).get_run(mlflow_run_id)
-    return steps.run_dir(cfg, run.data.tags[PIPELINE_RUN_TAG])
+    return Path(steps.run_dir(cfg, run.data.tags[PIPELINE_RUN_TAG]))

@@ -1,0 +1,168 @@
+"""Build (and push) the two images the compiled pipeline names, with the docker SDK.
+
+In: a source checkout (docker/*.Dockerfile, .dockerignore, the package), an
+optional registry. Out: `lmforge-steps:<version>` and `lmforge-trainer:<version>`
+tagged as src/lmforge/pipeline/images.py names them (the tags the components
+use), plus `<REGISTRY>/lmforge-<role>:<version>` and a push where a registry
+is given.
+
+    lmforge images build [--push REGISTRY] [--context DIR]
+
+The build context is made here, from the .dockerignore allow-list, exactly as
+the Docker CLI would send it, so what enters an image is testable without an
+engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from lmforge import __version__
+from lmforge.errors import LmforgeError
+from lmforge.pipeline.images import STEPS_IMAGE, TRAINER_IMAGE
+from lmforge.pipeline.images import image as image_in
+
+log = logging.getLogger(__name__)
+
+ROLES = {"steps": ("docker/steps.Dockerfile", STEPS_IMAGE), "trainer": ("docker/trainer.Dockerfile", TRAINER_IMAGE)}
+# ve-fairseq publishes manylinux x86_64 wheels only.
+PLATFORM = "linux/amd64"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    role: str
+    dockerfile: str  # relative to the context root
+    tags: list[str]  # the first is the name the compiled pipeline uses
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def split_tag(image: str) -> tuple[str, str]:
+    """'ghcr.io/x/y:1.0' -> ('ghcr.io/x/y', '1.0'); the colon of a registry port is not a tag."""
+    repository, sep, tag = image.rpartition(":")
+    if not sep or "/" in tag:
+        return image, "latest"
+    return repository, tag
+
+
+def git_revision(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def image_specs(root: Path, registry: str | None = None, roles: list[str] | None = None) -> list[ImageSpec]:
+    """What to build: per role its Dockerfile, tags (the pipeline's name first) and OCI labels."""
+    registry = registry.rstrip("/") if registry else None
+    revision = git_revision(root)
+    specs = []
+    for role in roles or list(ROLES):
+        dockerfile, image = ROLES[role]
+        tags = [image]
+        if registry:
+            tags.append(image_in(role, registry))
+        labels = {"org.opencontainers.image.version": __version__, "org.opencontainers.image.title": f"lmforge-{role}"}
+        if revision:
+            labels["org.opencontainers.image.revision"] = revision
+        specs.append(ImageSpec(role, dockerfile, tags, labels))
+    return specs
+
+
+def dockerignore_patterns(root: Path) -> list[str]:
+    path = root / ".dockerignore"
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def context_files(root: Path, dockerfile: str) -> list[str]:
+    """The files (relative paths) the build context holds: .dockerignore applied, the Dockerfile kept."""
+    from docker.utils.build import exclude_paths
+
+    paths = exclude_paths(str(root), dockerignore_patterns(root), dockerfile=dockerfile)
+    return sorted(p for p in paths if (root / p).is_file())
+
+
+def build_context(root: Path, dockerfile: str) -> IO[bytes]:
+    """The build context as the uncompressed tar the engine receives."""
+    from docker.utils.build import tar
+
+    return tar(str(root), exclude=dockerignore_patterns(root), dockerfile=(dockerfile, None))
+
+
+def check_checkout(root: Path) -> None:
+    missing = [d for d, _ in ROLES.values() if not (root / d).is_file()]
+    if missing or not (root / "pyproject.toml").is_file():
+        raise LmforgeError(
+            f"{root} is not an lmforge source checkout (no {', '.join(missing) or 'pyproject.toml'}); "
+            "run from the repository root or pass --context DIR"
+        )
+
+
+def docker_client() -> Any:
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException as exc:
+        raise LmforgeError(f"no Docker engine reachable ({str(exc).splitlines()[0]}); start one or set DOCKER_HOST")
+    return client
+
+
+def build_images(
+    root: Path, registry: str | None = None, roles: list[str] | None = None, client: Any = None,
+    progress: Callable[[str], None] = print,
+) -> list[ImageSpec]:
+    """Build every role's image, tag it, and push the registry tags when a registry is given."""
+    from docker.errors import APIError, BuildError
+
+    root = root.resolve()
+    check_checkout(root)
+    specs = image_specs(root, registry, roles)
+    client = client or docker_client()
+    for spec in specs:
+        progress(f"building {spec.tags[0]} from {spec.dockerfile}")
+        context = build_context(root, spec.dockerfile)
+        try:
+            image, _ = client.images.build(
+                fileobj=context, custom_context=True, dockerfile=spec.dockerfile, tag=spec.tags[0],
+                labels=spec.labels, platform=PLATFORM, rm=True, forcerm=True,
+            )
+        except BuildError as exc:
+            raise LmforgeError(f"building {spec.tags[0]} failed: {exc.msg}") from None
+        finally:
+            context.close()
+        for tag in spec.tags[1:]:
+            image.tag(*split_tag(tag))
+            progress(f"pushing {tag}")
+            _push(client, tag, APIError)
+    return specs
+
+
+def _push(client: Any, tag: str, api_error: type[Exception]) -> None:
+    repository, version = split_tag(tag)
+    try:
+        for line in client.images.push(repository, tag=version, stream=True, decode=True):
+            if "error" in line:  # the engine reports a refused push in the stream, not as an HTTP error
+                raise LmforgeError(f"pushing {tag} failed: {line['error']}; log in with `docker login`")
+    except api_error as exc:
+        raise LmforgeError(f"pushing {tag} failed: {exc}") from None
+
+
+def context_bytes(root: Path, dockerfile: str) -> bytes:
+    """The context tar's bytes (for inspection)."""
+    stream = build_context(root, dockerfile)
+    try:
+        return stream.read()
+    finally:
+        stream.close()
