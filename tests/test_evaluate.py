@@ -124,7 +124,7 @@ def test_checkpoint_without_its_dictionary_is_a_one_line_error(eval_bin, checkpo
     assert "\n" not in str(err.value)
 
 
-def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflow_db):
+def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflow_db, monkeypatch):
     """The steps as the KFP components call them, with a real kfp.dsl.Metrics artifact and MLflow on
     SQLite: evaluate's result goes to KFP, MLflow and metrics.json; register records it with the model."""
     from kfp.dsl import Metrics
@@ -132,6 +132,11 @@ def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflo
 
     from lmforge import steps
 
+    from mlflow.tracking._tracking_service import utils
+
+    # The steps set mlflow's process-wide tracking URI (as in their own process): put it back afterwards.
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored (or removed) afterwards
     shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")  # the step's default store under storage.root
     cfg = config.load(TINY_CONFIG, [f"storage.root={tmp_path}"])
     metrics = Metrics(name="metrics", uri=str(tmp_path / "metrics"))

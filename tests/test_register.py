@@ -58,7 +58,11 @@ def tracking(tmp_path, monkeypatch, empty_mlflow_db):
 
     shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # The process default points at the same store: register_model must leave it as it was.
+    # The process default points at the same store: register_model must leave it as it was. (An
+    # earlier test's mlflow.set_tracking_uri would override the variable: cleared for this test.)
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("lmforge", artifact_location=(tmp_path / "artifacts").as_uri())
