@@ -238,3 +238,54 @@ def test_cli_register_without_the_dictionary_is_a_one_line_error(tiny_lm, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and err[-1].startswith("lmforge: error: checkpoint without its dictionary: ")
     assert not (tmp_path / "runs").exists()  # nothing created, not even a tracking run
+
+
+@pytest.fixture(scope="module")
+def bpe_lm(tmp_path_factory):
+    """A tiny LM on a byte-level BPE data-bin built by lmforge.preprocess, trained for real (fairseq-train, 3 updates)."""
+    from conftest import VENV_BIN, run_checked, write_corpus
+    from lmforge.preprocess import preprocess
+
+    base = tmp_path_factory.mktemp("bpe-lm")
+    corpus = write_corpus(base / "corpus", train_lines=200)
+    for split in ("valid", "test"):  # small held-out splits: only training time matters here
+        lines = (corpus / f"{split}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+        (corpus / f"{split}.txt").write_text("".join(lines[:50]), encoding="utf-8")
+    data = base / "data-bin"
+    preprocess(corpus, data, tokenizer="bpe", vocab_size=500)
+    run_checked(
+        [VENV_BIN / "fairseq-train", data, "--task", "language_modeling", "--arch", "transformer_lm",
+         "--decoder-layers", "1", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+         "--decoder-attention-heads", "2", "--tokens-per-sample", "64", "--max-tokens", "512", "--max-update", "3",
+         "--optimizer", "adam", "--lr", "0.001", "--cpu", "--no-epoch-checkpoints", "--num-workers", "0",
+         "--save-dir", base / "ckpt"],
+    )
+    return base / "ckpt" / "checkpoint_last.pt", data
+
+
+def test_a_bpe_model_carries_its_tokenizer_and_scores_raw_text(bpe_lm, tracking):
+    """predict(raw text) equals fairseq's hub on the text as preprocessing tokenized it; continuations decode."""
+    import mlflow
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    from lmforge.tokenization import load_tokenizer
+
+    checkpoint, data = bpe_lm
+    uri, client, run_id = tracking
+    result = register_model(checkpoint=checkpoint, dict_path=data / "dict.txt", model_name="bpe-lm", tracking_uri=uri,
+                            run_id=run_id, tags={}, evaluation=evaluation(100.0))
+    tokenizer = load_tokenizer(data)
+    version = client.get_model_version("bpe-lm", result["version"])
+    assert tokenizer.kind == "bpe" and version.tags["tokenizer_sha256"] == tokenizer.sha256 != ""
+    local = Path(mlflow.artifacts.download_artifacts(result["model_uri"]))
+    assert sorted(p.name for p in (local / "artifacts" / "tokenizer").iterdir()) == sorted(p.name for p in tokenizer.files())
+
+    text = "The game's release in Japan, however, was delayed."
+    model = mlflow.pyfunc.load_model(result["model_uri"])
+    row = model.predict([text]).iloc[0]
+    hub = TransformerLanguageModel.from_pretrained(str(checkpoint.parent), checkpoint.name, data_name_or_path=str(data))
+    expected = hub.eval().score(tokenizer.encode(text))["positional_scores"]
+    assert row.tokens == expected.numel() > len(text.split())  # subword tokens
+    assert row.log_prob == pytest.approx(float(expected.sum()), abs=1e-4)
+    continuation = model.predict([text], params={"continuation_tokens": 4, "seed": 1})["continuation"][0]
+    assert continuation and "\u0120" not in continuation  # decoded text, not byte-level BPE symbols
