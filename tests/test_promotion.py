@@ -191,3 +191,12 @@ def test_cli_models_and_promote(client, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "lmforge: error: lm has no alias 'nope' (aliases: challenger, champion); `lmforge models lm` lists them"
     assert aliases(client, "lm") == {"champion": "2", "challenger": "2"}
+
+
+def test_a_retried_gate_that_already_set_champion_keeps_it(client):
+    """The registration died after setting the alias, before marking itself decided."""
+    v1 = add_version(client, "lm", 50.0)
+    client.set_registered_model_alias("lm", "champion", v1)
+    assert gate(client, "lm", v1) == promotion.Decision(CHAMPION, "first model for this name")
+    assert aliases(client, "lm") == {"champion": "1"}
+    assert client.get_model_version("lm", v1).tags[promotion.TAG_GATE] == "decided"

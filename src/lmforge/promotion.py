@@ -164,7 +164,11 @@ def run_gate(
         return Decision(mv.tags.get(TAG_DECISION, CHALLENGER), mv.tags.get(TAG_REASON, ""))
     wait_for_older_pending(client, name, version, timeout_s=timeout_s)
     current = alias_version(client, name, champion_alias)
-    decision = decide(candidate_of(mv), candidate_of(current) if current is not None else None)
+    if current is not None and str(current.version) == str(version):
+        # A retried registration that got as far as the alias: keep it, finish the tags.
+        current, decision = None, Decision(CHAMPION, (mv.tags or {}).get(TAG_REASON) or "first model for this name")
+    else:
+        decision = decide(candidate_of(mv), candidate_of(current) if current is not None else None)
     alias = champion_alias if decision.role == CHAMPION else challenger_alias
     client.set_model_version_tag(name, version, TAG_DECISION, decision.role)
     client.set_model_version_tag(name, version, TAG_REASON, decision.reason)
