@@ -147,11 +147,12 @@ def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflo
     assert json.loads(Path(out.metrics_file).read_text()) == evaluation
     for split in ("test", "valid"):
         for key in ("loss", "loss_base2", "perplexity", "tokens", "tokens_per_second"):
-            assert metrics.metadata[f"{split}_{key}"] == pytest.approx(evaluation["splits"][split][key])
+            assert metrics.metadata[f"eval_{split}_{key}"] == pytest.approx(evaluation["splits"][split][key])
     client = MlflowClient(steps.tracking_uri(cfg))
     run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
-    assert run.data.metrics["test_perplexity"] == pytest.approx(out.perplexity)
-    assert run.data.metrics["valid_loss_base2"] == pytest.approx(evaluation["splits"]["valid"]["loss_base2"])
+    assert run.data.metrics["eval_test_perplexity"] == pytest.approx(out.perplexity)
+    assert run.data.metrics["eval_valid_loss_base2"] == pytest.approx(evaluation["splits"]["valid"]["loss_base2"])
+    assert "valid_loss" not in run.data.metrics  # training's name (fairseq's per-epoch loss), not ours
     assert run.data.tags["lmforge.eval_identity"] == evaluation["identity_sha256"]
 
     registered = steps.register(

@@ -25,7 +25,8 @@ from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
 from lmforge.fairseq_args import eval_lm_args
 
-#: Numbers reported per split (MLflow metrics `<split>_<name>`, KFP Metrics the same).
+#: Numbers reported per split, as MLflow metrics and KFP Metrics `eval_<split>_<name>` (the prefix
+#: keeps them apart from training's own `valid_loss`, which is fairseq's base-2 loss per epoch).
 METRICS = ("loss", "loss_base2", "perplexity", "tokens", "tokens_per_second")
 
 
@@ -119,8 +120,8 @@ def evaluate_split(cfg: RunConfig, data_dir: Path, checkpoint: Path, split: str)
 
 
 def mlflow_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """`<split>_<metric>` for every split scored."""
-    return {f"{split}_{k}": float(v[k]) for split, v in result["splits"].items() for k in METRICS}
+    """`eval_<split>_<metric>` for every split scored."""
+    return {f"eval_{split}_{k}": float(v[k]) for split, v in result["splits"].items() for k in METRICS}
 
 
 def write_metrics(result: dict[str, Any], path: Path) -> None:
