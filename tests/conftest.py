@@ -274,3 +274,25 @@ def interval_run(fast_data_bin: Path, tmp_path_factory: pytest.TempPathFactory) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"config_file": config_file, "checkpoints": base / "checkpoints", "cache": base / "cache",
             "losses": train_inner_losses(proc.stderr), "log": proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialized, empty MLflow SQLite store to copy: creating the tables takes ~10 s, a copy ms."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def nudged_checkpoint(checkpoint: Path, directory: Path, k: int) -> Path:
+    """A copy of `checkpoint` with one bias nudged by k/1000: another checkpoint (sha256) of the same shapes."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    key = next(name for name in state["model"] if name.endswith("bias"))
+    state["model"][key] = state["model"][key] + 1e-3 * k
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / f"checkpoint{k}.pt")
+    return directory / f"checkpoint{k}.pt"

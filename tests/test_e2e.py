@@ -51,7 +51,7 @@ def test_one_mlflow_run_with_training_curves_and_falling_valid_loss(finished_run
     assert len(runs) == 1, "every step must log into the one run of the pipeline run"
     run = runs[0]
     assert run.info.run_id in summary["MLflow"]
-    for metric in ("train_loss", "lr", "train_wps", "valid_ppl", "test_perplexity", "vocab_size"):
+    for metric in ("train_loss", "lr", "train_wps", "valid_ppl", "eval_test_perplexity", "vocab_size"):
         assert metric in run.data.metrics, metric
     valid = client.get_metric_history(run.info.run_id, "valid_loss")
     assert len(valid) == 2, "one validation per epoch"

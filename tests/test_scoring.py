@@ -149,13 +149,16 @@ def test_a_non_string_is_a_one_line_error(model):
         model.predict(None, pd.DataFrame({"text": ["fine", None]}))
 
 
-def test_signature_is_one_unnamed_string_column_in_and_four_columns_out():
+def test_signature_is_one_unnamed_string_column_in_four_columns_out_and_sampling_params():
     sig = model_signature()
     # Unnamed: MLflow then accepts a plain list of str as well as a DataFrame.
     assert not sig.inputs.has_input_names() and len(sig.inputs.inputs) == 1
     assert [c.type.name for c in sig.inputs.inputs] == ["string"]
-    assert sig.outputs.input_names() == list(COLUMNS)
-    assert [c.type.name for c in sig.outputs.inputs] == ["double", "long", "double", "double"]
+    assert sig.outputs.input_names() == [*COLUMNS, "continuation"]
+    assert [c.type.name for c in sig.outputs.inputs] == ["double", "long", "double", "double", "string"]
+    assert not sig.outputs.inputs[-1].required  # only with continuation_tokens > 0
+    assert {p.name: p.default for p in sig.params.params} == {
+        "continuation_tokens": 0, "temperature": 1.0, "top_k": 0, "seed": 0}
 
 
 @pytest.mark.slow
@@ -189,3 +192,51 @@ def test_importing_the_module_loads_neither_torch_nor_fairseq():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- continuations, tokenizer
+
+
+def test_a_continuation_is_sampled_with_the_parameter_and_repeats_with_its_seed(model, tiny_lm):
+    texts = ["the game was", ""]
+    params = {"continuation_tokens": 6, "seed": 7, "top_k": 20, "temperature": 0.9}
+    first = model.predict(None, texts, params=params)
+    again = model.predict(None, texts, params=params)
+    pd.testing.assert_frame_equal(first, again)
+    # The scores are those without the parameter; the continuation is one more column.
+    pd.testing.assert_frame_equal(first[list(COLUMNS)], model.predict(None, texts))
+    vocabulary = {line.split()[0] for line in tiny_lm.dict_path.read_text(encoding="utf-8").splitlines()}
+    for continuation in first["continuation"]:
+        words = continuation.split()
+        assert 1 <= len(words) <= 6 and set(words) <= vocabulary | {"<unk>"}
+    other_seed = model.predict(None, texts, params={**params, "seed": 8})
+    assert other_seed["continuation"].tolist() != first["continuation"].tolist()
+
+
+def test_a_continuation_matches_fairseq_hub_sampling(model, tiny_hub):
+    """The same seed through the hub's own sample(): the same words after the prompt."""
+    import torch
+
+    prompt = "the game was"
+    torch.manual_seed(3)
+    expected = tiny_hub.sample(prompt, beam=1, sampling=True, sampling_topk=-1, temperature=1.0, max_len_a=0, max_len_b=3 + 5)
+    ours = model.predict(None, [prompt], params={"continuation_tokens": 5, "seed": 3})["continuation"][0]
+    assert expected == f"{prompt} {ours}".strip()
+
+
+@pytest.mark.parametrize(
+    "params,needle",
+    [({"continuation_tokens": -1}, ">= 0"), ({"beam": 2}, "unknown parameter 'beam'"), ({"seed": "x"}, "seed='x'")],
+)
+def test_bad_parameters_are_one_line_errors(model, params, needle):
+    with pytest.raises(LmforgeError, match=re.escape(needle)):
+        model.predict(None, ["a"], params=params)
+
+
+def test_the_tokenizer_encodes_before_scoring(tiny_lm, tmp_path):
+    """Raw text goes through the data-bin's tokenizer (kind none: whitespace tokens) before the dictionary."""
+    (tmp_path / "tokenizer.json").write_text('{"kind": "none", "model": null, "sha256": null}')
+    model = FairseqLanguageModel.from_files(tiny_lm.checkpoint, tiny_lm.dict_path, tokenizer_dir=tmp_path)
+    assert model._tokenizer.kind == "none"
+    spaced, plain = model.predict(None, ["  the   game\twas  ", "the game was"]).itertuples(index=False)
+    assert spaced == plain

@@ -5,6 +5,7 @@
     lmforge submit|schedule|runs --host URL ...   (Kubeflow Pipelines)
     lmforge images build [--push REGISTRY]
     lmforge download|preprocess|train|evaluate|register ...
+    lmforge models [NAME] / lmforge promote NAME VERSION --reason TEXT
     lmforge worker ...            (what every training process runs)
     lmforge config show|docs
 
@@ -199,27 +200,80 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from lmforge.evaluate import evaluate
+    from lmforge.evaluate import evaluate, write_metrics
 
-    print(json.dumps(evaluate(load_config(args), args.data_bin, args.checkpoint), indent=2))
+    result = evaluate(load_config(args), args.data_bin, args.checkpoint)
+    if args.out:
+        write_metrics(result, Path(args.out))
+    print(json.dumps(result, indent=2, sort_keys=True))
 
 
 def cmd_register(args: argparse.Namespace) -> None:
     from lmforge import tracking
+    from lmforge.evaluate import evaluate, read_metrics
     from lmforge.register import register_model
 
     cfg = resolve_storage(load_config(args))
     for path, what in ((Path(args.checkpoint), "checkpoint"), (Path(args.data_bin) / "dict.txt", "dictionary")):
         if not path.is_file():  # checked before a tracking run is created for nothing
-            raise LmforgeError(f"{what} {path} does not exist; pass --checkpoint FILE and --data-bin DIR with dict.txt")
+            prefix = "checkpoint without its dictionary: " if what == "dictionary" else ""
+            raise LmforgeError(
+                f"{prefix}{what} {path} does not exist; pass --checkpoint FILE and --data-bin DIR with dict.txt"
+            )
+    # The gate needs the evaluation: the one `lmforge evaluate --out` wrote, or a fresh one.
+    evaluation = read_metrics(args.metrics) if args.metrics else evaluate(cfg, args.data_bin, args.checkpoint)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.storage.root)
     run_id = args.run_id or tracking.pipeline_run(
         uri, cfg.tracking.experiment, f"manual-{Path(args.checkpoint).resolve().parent.name}",
         storage_root=cfg.storage.root,
     )
     result = register_model(
-        checkpoint=args.checkpoint, dict_path=Path(args.data_bin) / "dict.txt", model_name=cfg.registry.model_name,
-        alias=cfg.registry.alias, tracking_uri=uri, run_id=run_id, tags={"config_hash": cfg.config_hash()},
+        checkpoint=args.checkpoint, dict_path=Path(args.data_bin) / "dict.txt", data_bin=args.data_bin,
+        model_name=cfg.registry.model_name, alias=cfg.registry.alias, challenger_alias=cfg.registry.challenger_alias,
+        tracking_uri=uri, run_id=run_id, tags={"config_hash": cfg.config_hash()}, evaluation=evaluation,
+    )
+    print(json.dumps(result, indent=2))
+
+
+def _registry_client(args: argparse.Namespace):
+    from mlflow import MlflowClient
+
+    from lmforge import tracking
+
+    cfg = resolve_storage(load_config(args))
+    return MlflowClient(tracking_uri=args.tracking_uri or tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.storage.root))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from lmforge import promotion
+
+    client = _registry_client(args)
+    if not args.name:
+        rows = promotion.describe_models(client)
+        if not rows:
+            print("no registered models")
+        for row in rows:
+            print(f"{row['name']}  latest v{row['latest']}  {row['aliases']}")
+        return
+    if args.alias:
+        version = promotion.resolve_version(client, args.name, args.alias)
+        print(json.dumps({"version": str(version.version), "run_id": version.run_id, "tags": dict(version.tags)},
+                         indent=2, sort_keys=True))
+        return
+    for row in promotion.describe_versions(client, args.name):
+        line = f"v{row['version']:<4} {row['aliases'] or '-':<22} ppl {row['perplexity'] or '-':<12} " \
+               f"identity {row['identity'] or '-':<12} {row['reason']}"
+        if row["override"]:
+            line += f" [override: {row['override']}]"
+        print(line)
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from lmforge import promotion
+
+    cfg = load_config(args)
+    result = promotion.promote(
+        _registry_client(args), args.name, args.version, args.to or cfg.registry.alias, reason=args.reason, by=args.by
     )
     print(json.dumps(result, indent=2))
 
@@ -329,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.add_argument("--data-bin", required=True)
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", help="also write the result (numbers and evaluation identity) to this metrics.json")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("register", help="register a checkpoint in the MLflow model registry")
@@ -336,7 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-bin", required=True, help="directory holding the checkpoint's dict.txt")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--run-id", help="MLflow run to log the model into (default: a new one)")
+    p.add_argument("--metrics", help="metrics.json from `lmforge evaluate --out` (default: evaluate now)")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("models", help="registered models; a name's versions, aliases and promotion reasons")
+    add_config_arguments(p)
+    p.add_argument("name", nargs="?", help="registered model name (default: list the names)")
+    p.add_argument("--alias", help="show the version this alias (or version number) points at, with its tags")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: from the config)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("promote", help="point an alias at a version by hand, recording who and why")
+    add_config_arguments(p)
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="version number or an alias naming it (e.g. challenger)")
+    p.add_argument("--to", help="alias to set (default: registry.alias, the champion)")
+    p.add_argument("--reason", required=True, help="why; kept as the version's lmforge.override tag")
+    p.add_argument("--by", help="who (default: the current user)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: from the config)")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("config", help="show the resolved config, or document every field")
     p.add_argument("action", choices=["show", "docs"])

@@ -193,7 +193,15 @@ class TrainConfig:
 class EvaluateConfig:
     """Perplexity on a held-out split with fairseq's eval-lm logic."""
 
-    split: str = doc("Split to score: test or valid.", "test")
+    split: str = doc(
+        "Split whose perplexity the promotion gate compares: test or valid. Its evaluation identity "
+        "(dict sha256, split sha256, settings) is recorded with the model.",
+        "test",
+    )
+    other_splits: list[str] = doc(
+        "Further splits scored the same way and logged (not used by the gate; evaluate.split itself is skipped).",
+        factory=lambda: ["valid"],
+    )
     context_window: int = doc("Tokens of left context each scored token sees (fairseq-eval-lm --context-window).", 0)
     tokens_per_sample: int = doc("Block size for scoring; 0 takes train.tokens_per_sample.", 0)
     max_tokens: int = doc("Tokens per evaluation batch.", 4096)
@@ -204,7 +212,12 @@ class RegistryConfig:
     """The MLflow model registry entry for the trained model."""
 
     model_name: str = doc("Registered model name.", "lmforge-lm")
-    alias: str = doc("Alias given to the new version.", "champion")
+    alias: str = doc(
+        "Alias of the best model: the first version takes it, a later one only with a lower perplexity "
+        "on an identical evaluation identity.",
+        "champion",
+    )
+    challenger_alias: str = doc("Alias of the latest version that did not take the champion alias.", "challenger")
 
 
 @dataclass(frozen=True)
@@ -564,6 +577,14 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("evaluate.tokens_per_sample must be >= 0 and evaluate.max_tokens >= 1")
     if e.context_window and e.context_window >= (e.tokens_per_sample or t.tokens_per_sample):
         p.append("evaluate.context_window: must be smaller than the evaluation tokens_per_sample")
+    for split in e.other_splits:
+        if split not in ("test", "valid"):
+            p.append(f"evaluate.other_splits: {split!r} (use test or valid)")
+    r = cfg.registry
+    if not re.match(r"^[A-Za-z][A-Za-z0-9_-]*$", r.challenger_alias) or re.match(r"^v\d+$", r.challenger_alias):
+        p.append(f"registry.challenger_alias: {r.challenger_alias!r} must be a name like 'challenger' (not vN)")
+    elif r.challenger_alias == r.alias:
+        p.append("registry.challenger_alias: must differ from registry.alias")
     if not _NAME.match(cfg.registry.model_name):
         p.append(f"registry.model_name: {cfg.registry.model_name!r} must be letters, digits, '.', '_' or '-'")
     if not re.match(r"^[A-Za-z][A-Za-z0-9_-]*$", cfg.registry.alias) or re.match(r"^v\d+$", cfg.registry.alias):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -187,7 +188,12 @@ def dry_run(argv: list[str], *, world_size: int, update_freq: int) -> dict[str, 
 
 
 def eval_lm(argv: list[str]) -> dict[str, float]:
-    """fairseq-eval-lm in this process: {'loss' (base 2), 'perplexity', 'tokens', 'seconds'}."""
+    """fairseq-eval-lm in this process.
+
+    Returns {'loss' (base 2), 'perplexity', 'tokens', 'seconds' (wall, loading included),
+    'scoring_seconds' and 'tokens_per_second' (fairseq's timer around the scoring loop, as the
+    CLI prints them)}.
+    """
     from fairseq import options
     from fairseq_cli import eval_lm as fairseq_eval_lm
 
@@ -209,17 +215,28 @@ def eval_lm(argv: list[str]) -> dict[str, float]:
         "perplexity": float(results["perplexity"]),
         "tokens": counter.tokens,
         "seconds": time.perf_counter() - started,
+        # fairseq's own timer around the scoring loop (model loading excluded), as the CLI prints it
+        "scoring_seconds": counter.seconds,
+        "tokens_per_second": counter.rate,
     }
 
 
+_EVALUATED = re.compile(r"^Evaluated ([\d,]+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)")
+
+
 class _TokenCounter(logging.Handler):
-    """Reads fairseq-eval-lm's 'Evaluated N tokens' line: main() returns only loss and perplexity."""
+    """Reads fairseq-eval-lm's 'Evaluated N tokens in Xs (R tokens/s)' line: main() returns
+    only loss and perplexity."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tokens = 0
+        self.seconds = 0.0
+        self.rate = 0.0
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Evaluated "):
-            self.tokens = int(message.split()[1].replace(",", ""))
+        match = _EVALUATED.match(record.getMessage())
+        if match:
+            self.tokens = int(match.group(1).replace(",", ""))
+            self.seconds = float(match.group(2))
+            self.rate = float(match.group(3))

@@ -1,16 +1,21 @@
-"""Register a trained fairseq language model in the MLflow model registry.
+"""Register a trained fairseq language model in the MLflow model registry, through the gate.
 
-In:  a fairseq checkpoint (.pt), the ``dict.txt`` it was trained with, the MLflow tracking
-     URI and the id of the pipeline's MLflow run, a registered-model name, an alias, and
-     lineage tags (corpus_sha256, dict_sha256, config_hash, pipeline_run_id, ...).
-Out: a new version of the registered model, an MLflow pyfunc model
-     (`lmforge.scoring.FairseqLanguageModel`) logged in that run, carrying the lineage tags
-     as version tags and the alias; returns
-     ``{"model_uri": "models:/NAME@ALIAS", "version": "N", "run_id": RUN_ID}``.
+In:  a fairseq checkpoint (.pt), the data-bin it was trained on (``dict.txt`` and the
+     tokenizer files), the evaluation of it (`lmforge.evaluate`: perplexity and identity),
+     the MLflow tracking URI and the pipeline's MLflow run, a registered-model name, the
+     champion/challenger aliases and the caller's lineage tags (corpus_sha256, config_hash,
+     pipeline_run_id, ...).
+Out: a version of the registered model, an MLflow pyfunc model
+     (`lmforge.scoring.FairseqLanguageModel`) logged in that run with a signature, an input
+     example and pinned serving requirements, carrying the lineage tags (plus the ones
+     computed here: checkpoint, dict and tokenizer sha256, data-bin digest, package version,
+     evaluation identity and perplexity) and a description; `lmforge.promotion` then gives it
+     the champion or challenger alias. Returns ``{"model_uri": "models:/NAME@ALIAS",
+     "version": "N", "run_id", "alias", "reason", "created"}``.
 
     lmforge register --config pipelines/configs/tiny.yaml \\
         --checkpoint runs/.../checkpoints/checkpoint_best.pt --data-bin runs/.../data-bin \\
-        --run-id <mlflow run id>
+        [--metrics runs/.../eval/metrics.json] [--run-id <mlflow run id>]
 
 The optimizer state is dropped from the checkpoint first: it is about twice the size of the
 weights (Adam keeps two moments per parameter) and serving never reads it. Before anything
@@ -24,11 +29,13 @@ The model loads wherever lmforge is installed (the pickled model refers to
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import LmforgeError
 
@@ -65,17 +72,79 @@ def serving_requirements() -> list[str]:
     return pins
 
 
+def data_bin_digest(data_bin: Path) -> str:
+    """sha256 over the data-bin's files: one "name sha256" line per file, sorted by name.
+
+    Logs are left out (they hold timings); everything a model's numbers depend on is in.
+    """
+    import hashlib
+
+    from lmforge.evaluate import file_sha256
+
+    lines = [
+        f"{path.relative_to(data_bin).as_posix()} {file_sha256(path)}\n"
+        for path in sorted(data_bin.rglob("*"))
+        if path.is_file() and path.suffix != ".log" and ".tmp" not in path.name
+    ]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def lineage_tags(
+    *, checkpoint: Path, dict_path: Path, tokenizer: Any, data_bin: Path | None, evaluation: dict | None,
+) -> dict[str, str]:
+    """The tags lmforge computes itself: what the model is made of and how it was evaluated."""
+    from lmforge import __version__
+    from lmforge.evaluate import file_sha256
+    from lmforge.promotion import TAG_CHECKPOINT, TAG_IDENTITY, TAG_IDENTITY_JSON, TAG_PERPLEXITY
+
+    tags = {
+        TAG_CHECKPOINT: file_sha256(checkpoint),
+        "dict_sha256": file_sha256(dict_path),
+        "tokenizer_kind": tokenizer.kind,
+        "tokenizer_sha256": tokenizer.sha256 or "none",
+        "lmforge_version": __version__,
+    }
+    if data_bin is not None:
+        tags["data_bin_digest"] = data_bin_digest(data_bin)
+    if evaluation is not None:
+        identity = evaluation["identity"]
+        tags[TAG_IDENTITY] = evaluation.get("identity_sha256") or _identity_sha256(identity)
+        tags[TAG_IDENTITY_JSON] = json.dumps(identity, sort_keys=True)
+        tags[TAG_PERPLEXITY] = repr(float(evaluation["perplexity"]))
+        tags[f"{identity['split']}_perplexity"] = f"{float(evaluation['perplexity']):.6g}"
+    return tags
+
+
+def _identity_sha256(identity: dict) -> str:
+    from lmforge.evaluate import identity_sha256
+
+    return identity_sha256(identity)
+
+
 def register_model(
     *,
     checkpoint: str | Path,
     dict_path: str | Path,
     model_name: str,
-    alias: str,
     tracking_uri: str,
     run_id: str,
     tags: dict[str, str],
+    evaluation: dict | None = None,
+    alias: str = "champion",
+    challenger_alias: str = "challenger",
+    data_bin: str | Path | None = None,
+    gate_timeout_s: float | None = None,
 ) -> dict:
-    """Log the checkpoint as a pyfunc model in run `run_id`, register it, point `alias` at it."""
+    """Log the checkpoint as a pyfunc model in run `run_id`, register it, and pass it through the
+    promotion gate (`lmforge.promotion`): it takes `alias` (champion) or `challenger_alias`.
+
+    `evaluation` is `lmforge.evaluate.evaluate`'s result (perplexity and identity); without it
+    the version is not comparable and becomes challenger unless it is the first. `data_bin`
+    (default: the dictionary's directory) holds the tokenizer files and is digested. A
+    checkpoint already registered under `model_name` (same sha256) is not registered again:
+    its version is returned. Returns {"model_uri": "models:/NAME@ALIAS", "version", "run_id",
+    "alias", "reason", "created"}.
+    """
     checkpoint, dict_path = _local_path(checkpoint), _local_path(dict_path)
     # Every check a user can act on comes before anything is written to MLflow.
     if not checkpoint.is_file():
@@ -87,14 +156,21 @@ def register_model(
             f"checkpoint without its dictionary: {dict_path} does not exist; "
             "pass --data-bin with the dict.txt the model was trained with"
         )
+    data_bin = _local_path(data_bin) if data_bin is not None else dict_path.parent
     if not model_name or not model_name.strip():
         raise LmforgeError("model name is empty; set registry.model_name")
-    if not _ALIAS.match(alias) or re.fullmatch(r"v\d+", alias):
-        raise LmforgeError(f"alias {alias!r} must be a name like 'champion' (letters, digits, '_', '-'; not vN)")
+    for name in (alias, challenger_alias):
+        if not _ALIAS.match(name) or re.fullmatch(r"v\d+", name):
+            raise LmforgeError(f"alias {name!r} must be a name like 'champion' (letters, digits, '_', '-'; not vN)")
+    if alias == challenger_alias:
+        raise LmforgeError("the champion and challenger aliases must differ")
 
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    from lmforge import promotion
+    from lmforge.tokenization import TOKENIZER_MANIFEST, load_tokenizer
 
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
@@ -106,13 +182,36 @@ def register_model(
     if run.info.lifecycle_stage == "deleted":
         raise LmforgeError(f"MLflow run {run_id} at {tracking_uri} is deleted; restore it or pass another run id")
 
+    tokenizer = load_tokenizer(data_bin)
+    computed = lineage_tags(
+        checkpoint=checkpoint, dict_path=dict_path, tokenizer=tokenizer, data_bin=data_bin, evaluation=evaluation
+    )
+    all_tags = {**{k: str(v) for k, v in tags.items()}, **computed}
+    gate = {"champion_alias": alias, "challenger_alias": challenger_alias}
+    if gate_timeout_s is not None:
+        gate["timeout_s"] = gate_timeout_s
+
+    existing = _version_with_checkpoint(client, model_name, computed[promotion.TAG_CHECKPOINT])
+    if existing is not None:  # the same checkpoint again: one version
+        decision = promotion.run_gate(client, model_name, str(existing.version), **gate)
+        return _result(model_name, existing.version, existing.run_id, decision, alias, challenger_alias, created=False)
+
     from lmforge.scoring import EXAMPLE_TEXTS, FairseqLanguageModel, input_example, model_signature
 
     with tempfile.TemporaryDirectory(prefix="lmforge-register-") as tmp:
         staged = Path(tmp)
         arch = _strip_optimizer_state(checkpoint, staged / "model.pt")
         _copy(dict_path, staged / "dict.txt")
-        _check_loads(staged / "model.pt", staged / "dict.txt", checkpoint, dict_path, EXAMPLE_TEXTS)
+        tokenizer_dir = staged / "tokenizer"
+        tokenizer_dir.mkdir()
+        for path in tokenizer.files():
+            _copy(path, tokenizer_dir / path.name)
+        if not (tokenizer_dir / TOKENIZER_MANIFEST).exists():
+            # Kind "none" has no file in the data-bin; the model still carries a manifest saying so.
+            (tokenizer_dir / TOKENIZER_MANIFEST).write_text(
+                json.dumps({"kind": tokenizer.kind, "model": None, "sha256": None}) + "\n"
+            )
+        _check_loads(staged / "model.pt", staged / "dict.txt", tokenizer_dir, checkpoint, dict_path, EXAMPLE_TEXTS)
 
         # The fluent API logs into "the active run" on "the tracking URI": point both at the
         # pipeline's, and put back what the caller had.
@@ -120,25 +219,73 @@ def register_model(
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=FairseqLanguageModel(),
-                artifacts={"checkpoint": str(staged / "model.pt"), "dict": str(staged / "dict.txt")},
+                artifacts={
+                    "checkpoint": str(staged / "model.pt"),
+                    "dict": str(staged / "dict.txt"),
+                    "tokenizer": str(tokenizer_dir),
+                },
                 signature=model_signature(),
                 input_example=input_example(),
                 pip_requirements=serving_requirements(),
-                tags={k: str(v) for k, v in tags.items()},
+                tags=all_tags,
             )
+            # Created "pending" in the same call: concurrent gates are serialized on that tag.
             version = mlflow.register_model(
-                info.model_uri, model_name, tags={k: str(v) for k, v in tags.items()}
+                info.model_uri, model_name, tags={**all_tags, promotion.TAG_GATE: "pending"}
             ).version
 
-    description = (
+    client.update_model_version(model_name, version, description=_description(arch, run_id, evaluation))
+    if not client.get_registered_model(model_name).description:
+        client.update_registered_model(
+            model_name,
+            description=(
+                "fairseq language models trained by lmforge. Aliases: "
+                f"'{alias}' is the best version on a comparable evaluation, '{challenger_alias}' the latest "
+                "that did not beat it (see each version's lmforge.promotion_reason tag). "
+                "predict() takes texts and returns log_prob, tokens, perplexity and eos_log_prob."
+            ),
+        )
+    decision = promotion.run_gate(client, model_name, str(version), **gate)
+    return _result(model_name, version, run_id, decision, alias, challenger_alias, created=True)
+
+
+def _result(name, version, run_id, decision, alias, challenger_alias, *, created: bool) -> dict:
+    from lmforge.promotion import CHAMPION
+
+    given = alias if decision.role == CHAMPION else challenger_alias
+    return {
+        "model_uri": f"models:/{name}@{given}",
+        "version": str(version),
+        "run_id": run_id,
+        "alias": given,
+        "reason": decision.reason,
+        "created": created,
+    }
+
+
+def _version_with_checkpoint(client, name: str, sha256: str):
+    from lmforge.promotion import TAG_CHECKPOINT
+
+    found = client.search_model_versions(f"name = '{name}' and tags.{TAG_CHECKPOINT} = '{sha256}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _description(arch: str, run_id: str, evaluation: dict | None) -> str:
+    text = (
         f"fairseq {arch} language model from MLflow run {run_id}; "
-        "predict() takes texts (a list of str, or a DataFrame with the texts in its first column) "
-        "and returns log_prob (natural log of the words, as fairseq's hub score() sums it), "
-        "tokens (words scored), perplexity and eos_log_prob (log p(</s> | text))."
+        "predict() takes raw texts (a list of str, or a DataFrame with the texts in its first column) "
+        "and returns log_prob (natural log of the tokens, as fairseq's hub score() sums it), "
+        "tokens (tokens scored), perplexity and eos_log_prob (log p(</s> | text)); with the parameter "
+        "continuation_tokens=N also a sampled continuation (temperature, top_k, seed)."
     )
-    client.update_model_version(model_name, version, description=description)
-    client.set_registered_model_alias(model_name, alias, version)
-    return {"model_uri": f"models:/{model_name}@{alias}", "version": str(version), "run_id": run_id}
+    if evaluation is not None:
+        identity = evaluation["identity"]
+        text += (
+            f" {identity.get('split')} perplexity {float(evaluation['perplexity']):.4g} "
+            f"(fairseq-eval-lm, tokens_per_sample {identity.get('tokens_per_sample')}, "
+            f"context_window {identity.get('context_window')}, identity {evaluation.get('identity_sha256', '')[:12]})."
+        )
+    return text
 
 
 def _local_path(value: str | Path) -> Path:
@@ -191,12 +338,12 @@ def _arch(state: dict) -> str:
     return str(name or "unknown-arch")
 
 
-def _check_loads(model_pt: Path, dict_txt: Path, checkpoint: Path, dict_path: Path, texts) -> None:
+def _check_loads(model_pt: Path, dict_txt: Path, tokenizer_dir: Path, checkpoint: Path, dict_path: Path, texts) -> None:
     """Load the staged files the way the registered model will, and score `texts`."""
     from lmforge.scoring import FairseqLanguageModel
 
     try:
-        FairseqLanguageModel.from_files(model_pt, dict_txt).score_texts(list(texts))
+        FairseqLanguageModel.from_files(model_pt, dict_txt, tokenizer_dir=tokenizer_dir).score_texts(list(texts))
     except (RuntimeError, ValueError) as exc:
         # RuntimeError: load_state_dict's "size mismatch for decoder.embed_tokens.weight", the
         # dictionary has a different number of symbols than the model was trained with.

@@ -1,8 +1,10 @@
 """The registered language model: an MLflow pyfunc model that scores texts with a fairseq LM.
 
-In:  two MLflow artifacts, ``checkpoint`` (a fairseq language-model checkpoint, .pt) and
-     ``dict`` (the ``dict.txt`` it was trained with), and texts to score: a list of str, a
-     pandas Series, or a DataFrame with a ``text`` column (else its first column).
+In:  three MLflow artifacts, ``checkpoint`` (a fairseq language-model checkpoint, .pt),
+     ``dict`` (the ``dict.txt`` it was trained with) and ``tokenizer`` (a directory with the
+     tokenizer preprocessing applied, see `lmforge.tokenization`; optional), and texts to
+     score: a list of str, a pandas Series, or a DataFrame with a ``text`` column (else its
+     first column). Raw text: the tokenizer's ``encode`` runs first.
 Out: a DataFrame with one row per text:
 
      - ``log_prob``: natural-log probability of the text's words, ``log p(w1..wn)``: exactly
@@ -14,7 +16,10 @@ Out: a DataFrame with one row per text:
      - ``eos_log_prob``: ``log p(</s> | w1..wn)``, the end-of-sentence token after the text.
        A whole-sentence probability, as fairseq-train and fairseq-eval-lm
        (``--sample-break-mode eos``) count a line, is ``log_prob + eos_log_prob`` over
-       ``tokens + 1`` tokens.
+       ``tokens + 1`` tokens;
+     - ``continuation`` (only with the ``continuation_tokens`` parameter > 0): up to that
+       many tokens sampled after the text (``temperature``, ``top_k``, ``seed`` parameters),
+       decoded by the tokenizer: ``model.predict(texts, params={"continuation_tokens": 20})``.
 
 `lmforge register ...` (see `lmforge.register`) logs and registers it; anyone then loads it
 by name, in any process where lmforge is installed, and passes a plain list of texts or a
@@ -30,8 +35,8 @@ forms: it turns a list into a one-column frame and checks a frame's first column
 its texts first; called directly (`from_files`), `predict` also finds a ``text`` column
 elsewhere.
 
-Texts are split on whitespace, as fairseq's dictionary expects (this version has no BPE);
-words missing from ``dict.txt`` score as ``<unk>``.
+Texts pass through the tokenizer, then are split on whitespace, as fairseq's dictionary
+expects; tokens missing from ``dict.txt`` score as ``<unk>``.
 
 The model is loaded through fairseq's hub utilities exactly as
 ``TransformerLanguageModel.from_pretrained`` does, and batches are scored with fairseq's own
@@ -57,6 +62,10 @@ from lmforge.errors import LmforgeError
 
 #: Output columns, in order.
 COLUMNS = ("log_prob", "tokens", "perplexity", "eos_log_prob")
+CONTINUATION = "continuation"
+
+#: predict() parameters and their defaults (the signature's params schema).
+PARAMS = {"continuation_tokens": 0, "temperature": 1.0, "top_k": 0, "seed": 0}
 
 #: Padded tokens per forward pass. 4096 fp32 positions x a 50k vocabulary is ~800 MB of
 #: log-probabilities at most, the same order as fairseq-eval-lm's usual --max-tokens.
@@ -73,7 +82,7 @@ def model_signature():
     the module docstring).
     """
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string)]),
@@ -83,6 +92,15 @@ def model_signature():
                 ColSpec(DataType.long, "tokens"),
                 ColSpec(DataType.double, "perplexity"),
                 ColSpec(DataType.double, "eos_log_prob"),
+                ColSpec(DataType.string, CONTINUATION, required=False),
+            ]
+        ),
+        params=ParamSchema(
+            [
+                ParamSpec("continuation_tokens", DataType.long, PARAMS["continuation_tokens"]),
+                ParamSpec("temperature", DataType.double, PARAMS["temperature"]),
+                ParamSpec("top_k", DataType.long, PARAMS["top_k"]),
+                ParamSpec("seed", DataType.long, PARAMS["seed"]),
             ]
         ),
     )
@@ -120,31 +138,44 @@ def as_texts(model_input: Any) -> list[str]:
 class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
     """Scores texts with a fairseq language model (see the module docstring).
 
-    Artifacts: ``checkpoint`` and ``dict``. Model config (optional): ``device``
-    ("cpu" by default, e.g. "cuda" or "cuda:1" where a GPU is present).
+    Artifacts: ``checkpoint``, ``dict`` and (optional) ``tokenizer``. Model config
+    (optional): ``device`` ("cpu" by default, e.g. "cuda" or "cuda:1" where a GPU is present).
     """
 
     def __init__(self) -> None:
         # Filled by load_context/from_files; the instance pickled into the MLflow model
         # carries no weights (those are the artifacts).
         self._hub = None
+        self._tokenizer = None
 
     # ------------------------------------------------------------------ loading
 
     def load_context(self, context) -> None:
         config = getattr(context, "model_config", None) or {}
-        self._load(context.artifacts["checkpoint"], context.artifacts["dict"], config.get("device", "cpu"))
+        self._load(
+            context.artifacts["checkpoint"], context.artifacts["dict"], config.get("device", "cpu"),
+            context.artifacts.get("tokenizer"),
+        )
 
     @classmethod
     def from_files(
-        cls, checkpoint: str | os.PathLike, dict_path: str | os.PathLike, device: str = "cpu"
+        cls, checkpoint: str | os.PathLike, dict_path: str | os.PathLike, device: str = "cpu",
+        tokenizer_dir: str | os.PathLike | None = None,
     ) -> FairseqLanguageModel:
-        """The same model without MLflow: score straight from a checkpoint and its dict.txt."""
+        """The same model without MLflow: score straight from a checkpoint, its dict.txt and
+        the directory holding the tokenizer (default: the dict's directory, a data-bin)."""
         model = cls()
-        model._load(checkpoint, dict_path, device)
+        model._load(checkpoint, dict_path, device, tokenizer_dir if tokenizer_dir is not None else Path(dict_path).parent)
         return model
 
-    def _load(self, checkpoint: str | os.PathLike, dict_path: str | os.PathLike, device: str) -> None:
+    def _load(
+        self, checkpoint: str | os.PathLike, dict_path: str | os.PathLike, device: str,
+        tokenizer_dir: str | os.PathLike | None = None,
+    ) -> None:
+        from lmforge.tokenization import load_tokenizer
+
+        # No tokenizer directory (a model logged before tokenizers were packaged): whitespace tokens.
+        self._tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else _Whitespace()
         hub_utils = _import_fairseq_hub_utils()
 
         checkpoint, dict_path = Path(checkpoint).resolve(), Path(dict_path).resolve()
@@ -171,22 +202,61 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
 
         if self._hub is None:
             raise RuntimeError("FairseqLanguageModel used before load_context/from_files")
-        scores = self.score_texts(as_texts(model_input))
+        settings = _params(params)
+        texts = as_texts(model_input)
+        scores = self.score_texts(texts)
         lp = np.array([s[0] for s in scores], dtype=np.float64)
         tokens = np.array([s[1] for s in scores], dtype=np.int64)
         eos = np.array([s[2] for s in scores], dtype=np.float64)
         # An empty text has no words: perplexity NaN (0/0). A hopeless text has perplexity inf.
         with np.errstate(over="ignore"):
             ppl = np.where(tokens > 0, np.exp(-lp / np.maximum(tokens, 1)), np.nan)
-        return pd.DataFrame(
+        out = pd.DataFrame(
             {"log_prob": lp, "tokens": tokens, "perplexity": ppl, "eos_log_prob": eos}, columns=list(COLUMNS)
         )
+        if settings["continuation_tokens"] > 0:
+            out[CONTINUATION] = self.continue_texts(
+                texts, settings["continuation_tokens"], temperature=settings["temperature"],
+                top_k=settings["top_k"], seed=settings["seed"],
+            )
+        return out
+
+    def continue_texts(self, texts: list[str], n: int, *, temperature: float = 1.0, top_k: int = 0,
+                       seed: int = 0) -> list[str]:
+        """Up to `n` tokens sampled after each text (fewer when the model ends it), decoded.
+
+        fairseq's own generator (the hub's `generate`, sampling=True, beam 1), seeded: the
+        same seed gives the same continuations, and the caller's RNG state is left alone.
+        """
+        import torch
+
+        hub = self._hub
+        eos = hub.task.source_dictionary.eos()
+        limit = _max_positions(hub.max_positions)
+        results = []
+        with torch.random.fork_rng(devices=[hub.device] if hub.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for text in texts:
+                prompt = self.encode(text)[:-1]  # the words, without the eos the hub adds back
+                budget = n if limit is None else max(0, min(n, limit - 1 - prompt.numel()))
+                if budget == 0:
+                    results.append("")
+                    continue
+                hypo = hub.generate(
+                    [_append(prompt, eos)], beam=1, sampling=True, sampling_topk=top_k if top_k > 0 else -1,
+                    temperature=temperature, max_len_a=0, max_len_b=prompt.numel() + budget,
+                )[0][0]
+                new = hypo["tokens"][prompt.numel():]
+                if new.numel() and new[-1] == eos:
+                    new = new[:-1]
+                results.append(self._tokenizer.decode(hub.string(new)))
+        return results
 
     def encode(self, text: str):
         """Token ids scored for `text`: its words, then eos (what fairseq-preprocess writes)."""
         # hub.encode is tokenize -> apply_bpe -> dictionary.encode_line (append_eos=True),
         # so a checkpoint configured with a tokenizer or BPE would be encoded the fairseq way.
-        ids = self._hub.encode(text)
+        ids = self._hub.encode(self._tokenizer.encode(text))
         # The hub scores its encoding with eos stripped from both ends (StripTokenDataset):
         # a literal "</s>" word at either end is no word to it either.
         eos = self._hub.task.source_dictionary.eos()
@@ -245,6 +315,33 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
                 # .sum() of an empty tensor is 0.0, as the hub gives for an empty text.
                 results[i] = (float(words.sum()), int(words.numel()), float(positional[-1]))
         return results  # type: ignore[return-value]
+
+
+class _Whitespace:
+    """The tokenizer of kind "none": text is already space-separated tokens."""
+
+    kind, sha256 = "none", ""
+
+    def encode(self, text: str) -> str:
+        return text
+
+    def decode(self, tokens: str) -> str:
+        return tokens
+
+
+def _params(params: dict | None) -> dict[str, Any]:
+    """predict()'s parameters with their defaults; a bad value is a one-line error."""
+    settings = dict(PARAMS)
+    for key, value in (params or {}).items():
+        if key not in PARAMS:
+            raise LmforgeError(f"unknown parameter {key!r}; known: {', '.join(PARAMS)}")
+        try:
+            settings[key] = type(PARAMS[key])(value)
+        except (TypeError, ValueError):
+            raise LmforgeError(f"parameter {key}={value!r} is not a {type(PARAMS[key]).__name__}") from None
+    if settings["continuation_tokens"] < 0 or settings["temperature"] <= 0 or settings["top_k"] < 0:
+        raise LmforgeError("continuation_tokens and top_k must be >= 0 and temperature > 0")
+    return settings
 
 
 def _import_fairseq_hub_utils():

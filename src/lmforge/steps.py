@@ -53,6 +53,7 @@ class PreprocessOutputs(NamedTuple):
 class EvaluateOutputs(NamedTuple):
     perplexity: float
     metrics_file: str
+    evaluation_json: str
 
 
 class RegisterOutputs(NamedTuple):
@@ -309,15 +310,17 @@ def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str
 
 @step("evaluate")
 def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: str, metrics: Any = None) -> EvaluateOutputs:
-    """`metrics` is the component's KFP Metrics artifact (None outside KFP)."""
+    """`metrics` is the component's KFP Metrics artifact (None outside KFP): the Kubeflow UI shows it
+    on the run page. The result, with its evaluation identity, also goes to MLflow and to
+    `<run dir>/eval/metrics.json`, and as `evaluation_json` to the register step."""
     from lmforge.evaluate import evaluate as score
+    from lmforge.evaluate import mlflow_metrics
 
     cfg = config_mod.from_json(config_json)
+    storage.use_endpoint(cfg.storage.s3_endpoint)
     result = score(cfg, data_bin, checkpoint)
-    out = Path(run_dir(cfg, pipeline_run_id)) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    numbers = {f"{result['split']}_{k}": float(v) for k, v in result.items() if k in _EVAL_METRICS}
+    metrics_file = _write_eval_metrics(cfg, pipeline_run_id, result)
+    numbers = mlflow_metrics(result)
     if metrics is not None:
         for key, value in numbers.items():
             metrics.log_metric(key, value)
@@ -325,34 +328,51 @@ def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: 
         import mlflow
 
         mlflow.log_metrics(numbers)
-    log.info("%s perplexity %.2f (loss %.4f base 2) over %d tokens", result["split"], result["perplexity"],
-             result["loss_base2"], result["tokens"])
-    return EvaluateOutputs(result["perplexity"], str(out / "metrics.json"))
+        mlflow.set_tags({"lmforge.eval_identity": result["identity_sha256"], "lmforge.eval_split": result["split"]})
+        mlflow.log_dict(result, "eval/metrics.json")
+    log.info("%s perplexity %.2f (loss %.4f base 2) over %d tokens; identity %s", result["split"],
+             result["perplexity"], result["loss_base2"], result["tokens"], result["identity_sha256"][:12])
+    return EvaluateOutputs(result["perplexity"], metrics_file, json.dumps(result, sort_keys=True))
 
 
-_EVAL_METRICS = ("loss", "loss_base2", "perplexity", "tokens", "tokens_per_second")
+def _write_eval_metrics(cfg: RunConfig, pipeline_run_id: str, result: dict) -> str:
+    """metrics.json under the run's outputs (local, or uploaded when storage.root is s3://)."""
+    from lmforge.evaluate import write_metrics
+
+    uri = storage.join(run_dir(cfg, pipeline_run_id), "eval", "metrics.json")
+    if not storage.is_remote(uri):
+        write_metrics(result, Path(uri))
+        return uri
+    with tempfile.TemporaryDirectory(prefix="lmforge-eval-") as tmp:
+        write_metrics(result, Path(tmp) / "metrics.json")
+        storage.put_file(Path(tmp) / "metrics.json", uri)
+    return uri
 
 
 @step("register")
 def register(
     config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: str, corpus_sha256: str, dict_sha256: str,
-    perplexity: float,
+    evaluation_json: str,
 ) -> RegisterOutputs:
+    """Register through the promotion gate; `evaluation_json` is the evaluate step's result."""
     from lmforge.register import register_model
+    from lmforge.staging import local_dir, local_file
 
     cfg = config_mod.from_json(config_json)
+    storage.use_endpoint(cfg.storage.s3_endpoint)
     uri, run_id = tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)
     tags = {
         "corpus_sha256": corpus_sha256,
         "dict_sha256": dict_sha256,
         "config_hash": cfg.config_hash(),
         "pipeline_run_id": pipeline_run_id,
-        "lmforge_version": __version__,
-        f"{cfg.evaluate.split}_perplexity": f"{perplexity:.6g}",
     }
-    result = register_model(
-        checkpoint=checkpoint, dict_path=Path(data_bin) / "dict.txt", model_name=cfg.registry.model_name,
-        alias=cfg.registry.alias, tracking_uri=uri, run_id=run_id, tags=tags,
-    )
-    log.info("registered %s (version %s)", result["model_uri"], result["version"])
+    with local_dir(data_bin) as data, local_file(checkpoint) as ckpt:
+        result = register_model(
+            checkpoint=ckpt, dict_path=data / "dict.txt", data_bin=data, model_name=cfg.registry.model_name,
+            alias=cfg.registry.alias, challenger_alias=cfg.registry.challenger_alias, tracking_uri=uri,
+            run_id=run_id, tags=tags, evaluation=json.loads(evaluation_json),
+        )
+    log.info("registered %s version %s as %s: %s", cfg.registry.model_name, result["version"], result["alias"],
+             result["reason"])
     return RegisterOutputs(result["model_uri"], str(result["version"]), run_id)

@@ -51,6 +51,8 @@ def pipeline_run(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        storage_root = None  # a tracking server decides where artifacts go (its --artifacts-destination)
     experiment_id = _experiment_id(client, experiment, storage_root)
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", max_results=1

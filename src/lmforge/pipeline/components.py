@@ -101,9 +101,9 @@ def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
 def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: str, metrics: Output[Metrics]) -> NamedTuple(
-    "EvaluateOutputs", [("perplexity", float), ("metrics_file", str)]
+    "EvaluateOutputs", [("perplexity", float), ("metrics_file", str), ("evaluation_json", str)]
 ):
-    """Loss and perplexity on the held-out split with fairseq's eval-lm logic."""
+    """Loss and perplexity on the held-out splits with fairseq's eval-lm logic, and the evaluation's identity."""
     from lmforge.steps import evaluate as step
 
     return step(config_json, pipeline_run_id, data_bin, checkpoint, metrics)
@@ -112,12 +112,13 @@ def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
 def register(
     config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: str, corpus_sha256: str,
-    dict_sha256: str, perplexity: float,
+    dict_sha256: str, evaluation_json: str,
 ) -> NamedTuple("RegisterOutputs", [("model_uri", str), ("version", str), ("mlflow_run_id", str)]):
-    """Register the model in MLflow as a pyfunc that scores text, with lineage tags and an alias."""
+    """Register the model in MLflow as a pyfunc that scores text, with lineage tags; the promotion
+    gate gives it the champion alias only if it beats the champion on the same evaluation."""
     from lmforge.steps import register as step
 
-    return step(config_json, pipeline_run_id, data_bin, checkpoint, corpus_sha256, dict_sha256, perplexity)
+    return step(config_json, pipeline_run_id, data_bin, checkpoint, corpus_sha256, dict_sha256, evaluation_json)
 
 
 ALL = [

@@ -120,7 +120,8 @@ def pipeline_func(
     ts.torch_step(train, cluster)
     ts.network_step(train, cluster)
 
-    # 5. Perplexity on the held-out split (never cached: it logs into this run's MLflow run).
+    # 5. Perplexity on the held-out splits, with the evaluation's identity (what makes two comparable).
+    #    Never cached: it logs into this run's MLflow run.
     evaluate = c.evaluate(
         config_json=config, pipeline_run_id=run_id, data_bin=preprocess.outputs["data_bin"], checkpoint=train.output
     ).set_display_name("evaluate")
@@ -130,11 +131,11 @@ def pipeline_func(
     ts.torch_step(evaluate, cluster)
     ts.network_step(evaluate, cluster)
 
-    # 6. Registration in the MLflow model registry (never cached).
+    # 6. Registration in the MLflow model registry through the promotion gate (never cached).
     register = c.register(
         config_json=config, pipeline_run_id=run_id, data_bin=preprocess.outputs["data_bin"],
         checkpoint=train.output, corpus_sha256=download.outputs["corpus_sha256"],
-        dict_sha256=preprocess.outputs["dict_sha256"], perplexity=evaluate.outputs["perplexity"],
+        dict_sha256=preprocess.outputs["dict_sha256"], evaluation_json=evaluate.outputs["evaluation_json"],
     )
     register.set_display_name("register")
     ts.never_cached(register, cluster, "register")
