@@ -186,11 +186,11 @@ def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> Pre
     from lmforge.preprocess import preprocess as build
     from lmforge.preprocess import settings_kwargs
 
-    cfg = config_mod.from_stage_json(preprocess_json)
-    out = Path(data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256)))
+    cfg = _preprocess_config(preprocess_json)
+    out = data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256))
     p = cfg.preprocess
     summary = build(corpus_dir, out, workers=p.workers, shards=max(p.shards, p.workers), **settings_kwargs(p))
-    return PreprocessOutputs(str(out), summary["dict_sha256"])
+    return PreprocessOutputs(out, summary["dict_sha256"])
 
 
 # --------------------------------------------------------------------------- preprocessing as map-reduce

@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lmforge.errors import LmforgeError
 
 PIPELINE_RUN_TAG = "lmforge.pipeline_run_id"
 
@@ -21,6 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def default_tracking_uri(storage_root: str | Path) -> str:
+    """A SQLite file beside the run outputs; with outputs on S3, the server MLFLOW_TRACKING_URI names."""
+    if str(storage_root).startswith("s3://"):
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        raise LmforgeError(
+            "storage.root is on S3, so MLflow cannot live beside it: set tracking.uri (or MLFLOW_TRACKING_URI) "
+            "to a tracking server or a local sqlite:/// file"
+        )
     return f"sqlite:///{Path(storage_root).resolve() / 'mlflow.db'}"
 
 

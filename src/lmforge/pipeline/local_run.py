@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lmforge import steps
+from lmforge import steps, storage
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
 
@@ -27,9 +27,11 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
 
     from lmforge.pipeline.definition import lmforge_pipeline
 
-    root = Path(cfg.storage.root)
-    root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp-local"))
+    # KFP's own working files (task outputs) stay on this machine even when storage.root is on S3.
+    local_root = storage.local_path(cfg.storage.root)
+    kfp_root = local_root / "kfp-local" if local_root is not None else steps.scratch_dir("kfp-local")
+    kfp_root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root))
     # A failing step writes its one-line reason here; the runner itself only says "FAILURE".
     with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:
         error_file = Path(tmp) / "error"
@@ -56,11 +58,11 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _run_dir_of(cfg: RunConfig, mlflow_run_id: str) -> Path:
+def _run_dir_of(cfg: RunConfig, mlflow_run_id: str) -> str:
     """The run's output directory, read from the MLflow run's pipeline-run tag."""
     from mlflow import MlflowClient
 
     from lmforge.tracking import PIPELINE_RUN_TAG
 
     run = MlflowClient(steps.tracking_uri(cfg)).get_run(mlflow_run_id)
-    return Path(steps.run_dir(cfg, run.data.tags[PIPELINE_RUN_TAG]))
+    return steps.run_dir(cfg, run.data.tags[PIPELINE_RUN_TAG])
