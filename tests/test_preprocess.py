@@ -369,6 +369,7 @@ def test_shard_tasks_stream_in_flat_memory(tmp_path: Path, monkeypatch: pytest.M
     from lmforge.shards import Shard
 
     monkeypatch.setattr(pp.shards_mod, "BLOCK_BYTES", 16 << 10)
+    monkeypatch.setattr(pp, "WHITESPACE_BLOCK_BYTES", 16 << 10)
     monkeypatch.setattr(pp, "ID_CHUNK", 4 << 10)
     line = " ".join(f"w{i % 500}" for i in range(40)) + "\n"
     peaks = []
