@@ -29,8 +29,10 @@ The stages (each a function over URIs; the pipeline runs each as a KFP task,
 4. `binarize_shard` (map): the shard's id stream through the dictionary into
    an mmap `.bin` with the dtype fairseq picks, and its sentence sizes.
 5. `merge_shards`: shards joined in order into one `.bin`/`.idx` per split.
+   On one machine with a local work directory, 4 and 5 are `binarize_in_place`:
+   each shard task writes its part straight into the final files (no copying merge).
 
-Memory stays flat: text is read in 1 MiB blocks, ids are streamed to and from
+Memory stays flat: text is read in 64 KiB blocks (1 MiB for a tokenizer), ids are streamed to and from
 files, and only per-type tables (the symbol counts) grow with the corpus.
 
 Why it is identical to fairseq-preprocess while much faster (fairseq calls
