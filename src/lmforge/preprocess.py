@@ -739,13 +739,12 @@ def check_inputs(corpus_dir: str, dest_dir: str, settings: Settings, *, workers:
 
     if settings.tokenizer not in KINDS:
         problems.append(f"tokenizer {settings.tokenizer!r} is unknown (use {', '.join(KINDS)})")
-    for split in SPLITS:
-        uri = split_uri(corpus_dir, split)
-        if not storage.exists(uri):
-            problems.append(
-                f"missing {uri}: the corpus directory must hold train.txt, valid.txt and test.txt "
-                "(one sentence per line); add the file or point --corpus at the directory that has them"
-            )
+    missing = [uri for uri in (split_uri(corpus_dir, split) for split in SPLITS) if not storage.exists(uri)]
+    if missing:
+        problems.append(
+            f"missing {', '.join(missing)}: the corpus directory must hold train.txt, valid.txt and test.txt "
+            "(one sentence per line); add the files or point --corpus at the directory that has them"
+        )
     dest = storage.local_path(dest_dir)
     if dest is not None and dest.exists() and not dest.is_dir():
         problems.append(f"{dest} exists and is not a directory; remove it or choose another --out")
