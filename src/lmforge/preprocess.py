@@ -56,7 +56,6 @@ Why it is identical to fairseq-preprocess while much faster (fairseq calls
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -78,6 +77,7 @@ import numpy as np
 from lmforge import shards as shards_mod
 from lmforge import storage
 from lmforge.config import SPLITS
+from lmforge.download import hash_file
 from lmforge.errors import LmforgeError
 from lmforge.shards import Shard
 from lmforge.tokenization import TOKENIZER_MANIFEST, Tokenizer, load_tokenizer
@@ -213,14 +213,6 @@ def fetched_tokenizer(uri: str) -> contextlib.AbstractContextManager[Path]:
         return contextlib.nullcontext(local)
     names = [n for n in storage.list_files(uri) if "/" not in n]
     return fetched(uri, names)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def split_uri(corpus_dir: str, split: str) -> str:
@@ -470,7 +462,7 @@ def build_dictionary(work_dir: str, count_dirs: Sequence[str], settings: Setting
             tokenizer = load_tokenizer(tok_dir)
         summary = {
             "vocab_size": len(SPECIALS) + len(symbols),
-            "dict_sha256": file_sha256(tmp / "dict.txt"),
+            "dict_sha256": hash_file(tmp / "dict.txt")[0],
             "splits": splits,
             "tokenizer": {"kind": tokenizer.kind, "sha256": tokenizer.sha256},
         }

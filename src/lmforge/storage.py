@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lmforge.download import _s3_transient_errors, hash_file
+from lmforge.download import s3_client as _make_s3_client
 from lmforge.errors import IntegrityError, LmforgeError
 from lmforge.uris import S3, Location, parse_location
 
@@ -117,8 +119,6 @@ def iter_range(
 
 
 def _s3_range(loc: Location, start: int, end: int, chunk_size: int, endpoint_url: str | None) -> Iterator[bytes]:
-    from lmforge.download import _s3_transient_errors
-
     client = s3_client(endpoint_url)
     position, failures = start, 0
     while position < end:
@@ -207,7 +207,7 @@ def get_dir(uri: str | Path, dest: str | Path, *, endpoint_url: str | None = Non
 def put_file(src: str | Path, uri: str | Path, *, endpoint_url: str | None = None) -> dict[str, Any]:
     """Copy the local file `src` to `uri` atomically and verify the copy; returns its size and sha256."""
     src, loc = Path(src), _parse(uri)
-    sha, nbytes = _hash_file(src)
+    sha, nbytes = hash_file(src)
     if loc.kind != S3:
         assert loc.path is not None
         if loc.path.resolve() == src.resolve():
@@ -219,7 +219,7 @@ def put_file(src: str | Path, uri: str | Path, *, endpoint_url: str | None = Non
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            copied_sha, copied_size = _hash_file(Path(tmp))
+            copied_sha, copied_size = hash_file(Path(tmp))
             _verify(loc.uri, nbytes, sha, copied_size, copied_sha)
             os.replace(tmp, loc.path)
         except BaseException:
@@ -263,9 +263,7 @@ def delete(uri: str | Path, *, endpoint_url: str | None = None) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _client(endpoint_url: str | None) -> Any:
-    from lmforge.download import s3_client as make_client
-
-    return make_client(endpoint_url)
+    return _make_s3_client(endpoint_url)
 
 
 def s3_client(endpoint_url: str | None = None) -> Any:
@@ -306,15 +304,6 @@ def _s3_error(loc: Location, action: str, exc: Exception) -> LmforgeError:
     if status == 403:
         return LmforgeError(f"cannot {action} {loc.uri}: access denied; check the S3 credentials (AWS_ACCESS_KEY_ID)")
     return LmforgeError(f"cannot {action} {loc.uri}: {exc}")
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    digest, nbytes = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-            nbytes += len(chunk)
-    return digest.hexdigest(), nbytes
 
 
 def _verify(uri: str, expected_size: int, expected_sha: str | None, actual_size: int, actual_sha: str | None) -> None:

@@ -25,7 +25,6 @@ every shard task) and by the registered model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lmforge.download import hash_file
 from lmforge.errors import LmforgeError
 
 TOKENIZER_MANIFEST = "tokenizer.json"
@@ -44,11 +44,7 @@ MODEL_FILES = {"bpe": "bpe.json", "sentencepiece": "sentencepiece.model"}
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hash_file(path)[0]
 
 
 class Tokenizer:
