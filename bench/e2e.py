@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import write_corpus  # noqa: E402  (the tests' corpus builder, so bench and tests use the same text)
 
 from lmforge import config  # noqa: E402
-from lmforge.fairseq_args import Placement, eval_lm_args, train_args  # noqa: E402
+from lmforge.fairseq_api.arguments import Placement, eval_lm_args, train_args  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

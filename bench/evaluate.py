@@ -5,7 +5,7 @@ In one run of this script, on the same checkpoint and data:
      process, plus the evaluation identity's hashing) against `fairseq-eval-lm` with the very
      argument list lmforge builds (`fairseq_args.eval_lm_args`), alternating which goes first;
      prints wall times, the scoring loop's tokens/s as each reports it, and the ratios;
-  2. serving: the checkpoint registered with `lmforge.register` (SQLite store), served by
+  2. serving: the checkpoint registered with `lmforge.models.register` (SQLite store), served by
      `mlflow models serve --env-manager local` on 127.0.0.1; prints the latency of one
      /invocations request scoring one short text (median, p90), against fairseq's hub
      `score()` of the same text in process (the peer: the model without HTTP and MLflow).
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import write_corpus  # noqa: E402  (the tests' corpus builder: the same text)
 
 from lmforge import config  # noqa: E402
-from lmforge.fairseq_args import eval_lm_args, train_args  # noqa: E402
+from lmforge.fairseq_api.arguments import eval_lm_args, train_args  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TEXT = "the album was released in the united states on 12 may 2009 ."
@@ -106,7 +106,7 @@ def bench_eval(cfg, config_path, overrides, data, ckpt, rounds: int) -> None:
 def bench_serving(data: Path, ckpt: Path, work: Path, requests: int) -> None:
     from mlflow import MlflowClient
 
-    from lmforge.register import register_model
+    from lmforge.models.register import register_model
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -50,7 +50,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from lmforge import config, fairseq_api
-    from lmforge.fairseq_args import Placement, train_args
+    from lmforge.fairseq_api.arguments import Placement, train_args
 
     cuda = args.device == "cuda"
     cfg = config.from_dict({
@@ -103,7 +103,7 @@ def parameter_count(data_bin: str, preset: str) -> int:
     from fairseq import options, tasks
 
     from lmforge import config
-    from lmforge.fairseq_args import Placement, train_args
+    from lmforge.fairseq_api.arguments import Placement, train_args
 
     cfg = config.from_dict({"corpus": {"source": "synthetic"}, "model": {"preset": preset}})
     parser = options.get_training_parser()
@@ -135,7 +135,7 @@ def main() -> None:
         child(args)
         return
 
-    from lmforge.preprocess import preprocess
+    from lmforge.data.preprocess import preprocess
 
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
         corpus = synthetic_corpus(Path(tmp) / "corpus", train_tokens=args.train_tokens, vocab=args.vocab)

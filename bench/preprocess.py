@@ -12,7 +12,7 @@ and prints wall time, tokens/s and peak memory (the summed RSS of the process
 and its children, sampled every 50 ms) of each, with the ratios lmforge / fairseq
 at equal workers and 2 workers / 1 worker.
 
-Then the BPE stage: a byte-level BPE tokenizer (lmforge.tokenization, 8000
+Then the BPE stage: a byte-level BPE tokenizer (lmforge.data.tokenization, 8000
 tokens) encodes the first --bpe-mb MB of train.txt in blocks of lines (what
 the shard tasks do) and one line at a time with the same tokenizer; prints
 both MB/s and the ratio.
@@ -110,8 +110,8 @@ def measure(cmd: list[str], log: Path) -> tuple[float, int, float]:
 
 def bpe_stage(train: Path, mb: float, tmp: Path) -> dict[str, float]:
     sys.path.insert(0, str(REPO / "src"))
-    from lmforge.shards import iter_text_blocks
-    from lmforge.tokenization import train_tokenizer
+    from lmforge.data.shards import iter_text_blocks
+    from lmforge.data.tokenization import train_tokenizer
 
     end = int(mb * 1e6)
     blocks = list(iter_text_blocks(train, 0, end))

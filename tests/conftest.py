@@ -42,7 +42,7 @@ TINY_CONFIG = REPO / "pipelines" / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="session")
 def small_data_bin(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmforge.preprocess import preprocess
+    from lmforge.data.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("data") / "data-bin"
     preprocess(small_corpus, out, threshold=2)
@@ -53,7 +53,7 @@ def small_data_bin(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory)
 def trained_checkpoints(small_data_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A tiny model trained for real by the train stage: torchrun, 2 CPU processes, 12 updates."""
     from lmforge import config
-    from lmforge.train import train
+    from lmforge.training.train import train
 
     base = tmp_path_factory.mktemp("train")
     cfg = config.load(TINY_CONFIG, ["train.max_update=12", "train.max_epoch=0", "train.log_interval=2",
@@ -223,7 +223,7 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def fast_data_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train: 400 WikiText-2 lines (~20k tokens); valid and test: 40 lines each."""
-    from lmforge.preprocess import preprocess
+    from lmforge.data.preprocess import preprocess
 
     lines = (wikitext_or_skip() / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
     corpus = tmp_path_factory.mktemp("fast-corpus")

@@ -12,7 +12,7 @@ import boto3
 import pytest
 
 from conftest import REPO, write_corpus
-from lmforge import storage
+from lmforge.io import storage
 
 pytestmark = pytest.mark.e2e
 

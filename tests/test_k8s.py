@@ -25,7 +25,7 @@ import yaml
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
-from lmforge.pipeline.images import TRAINER_IMAGE
+from lmforge.images import TRAINER_IMAGE
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

@@ -33,7 +33,7 @@ IDENTITY = {"scorer": "fairseq-eval-lm", "split": "test", "split_sha256": "d" * 
 
 
 def evaluation(perplexity: float) -> dict:
-    from lmforge.evaluate import identity_sha256
+    from lmforge.models.evaluate import identity_sha256
 
     return {"split": "test", "perplexity": perplexity, "identity": IDENTITY, "identity_sha256": identity_sha256(IDENTITY)}
 
@@ -118,9 +118,9 @@ def server(postgres_uri, moto_s3, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(server, tiny_lm):
-    """The tiny LM registered through the server by lmforge.register, in a pipeline run's MLflow run."""
+    """The tiny LM registered through the server by lmforge.models.register, in a pipeline run's MLflow run."""
     from lmforge import tracking
-    from lmforge.register import register_model
+    from lmforge.models.register import register_model
 
     run_id = tracking.pipeline_run(server.url, "lmforge-server", "pipeline-1", storage_root="/not/used/with/a/server")
     return register_model(

@@ -7,7 +7,8 @@ import uuid
 
 import boto3
 
-from lmforge import config, steps, storage
+from lmforge import config, steps
+from lmforge.io import storage
 
 
 def test_download_step_publishes_a_content_addressed_corpus_to_s3(moto_s3, small_corpus, tmp_path, monkeypatch):

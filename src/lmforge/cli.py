@@ -69,7 +69,7 @@ def load_config(args: argparse.Namespace, *, corpus: str | None = None) -> RunCo
 
 def resolve_local_paths(cfg: RunConfig) -> RunConfig:
     """Absolute paths for the local parts of the config: steps run in other processes and directories."""
-    from lmforge import catalog
+    from lmforge.data import catalog
 
     corpus = cfg.corpus
     if "://" not in corpus.source and catalog.lookup(corpus.source) is None:
@@ -160,13 +160,13 @@ def add_kfp_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_corpora(args: argparse.Namespace) -> None:
-    from lmforge.catalog import format_catalog, list_corpora
+    from lmforge.data.catalog import format_catalog, list_corpora
 
     print(format_catalog(list_corpora()))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from lmforge.download import download_corpus
+    from lmforge.data.download import download_corpus
 
     manifest = download_corpus(
         args.source, args.out, sha256=args.sha256, size=args.size, cache_dir=args.cache_dir,
@@ -176,8 +176,8 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from lmforge import storage
-    from lmforge.preprocess import preprocess, settings_kwargs
+    from lmforge.io import storage
+    from lmforge.data.preprocess import preprocess, settings_kwargs
 
     cfg = load_config(args)
     storage.use_endpoint(cfg.storage.s3_endpoint)
@@ -189,7 +189,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmforge.train import dry_run, train
+    from lmforge.training.train import dry_run, train
 
     cfg = load_config(args)
     check_against_fairseq(cfg)
@@ -200,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from lmforge.evaluate import evaluate, write_metrics
+    from lmforge.models.evaluate import evaluate, write_metrics
 
     result = evaluate(load_config(args), args.data_bin, args.checkpoint)
     if args.out:
@@ -210,8 +210,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_register(args: argparse.Namespace) -> None:
     from lmforge import tracking
-    from lmforge.evaluate import evaluate, read_metrics
-    from lmforge.register import register_model
+    from lmforge.models.evaluate import evaluate, read_metrics
+    from lmforge.models.register import register_model
 
     cfg = resolve_storage(load_config(args))
     for path, what in ((Path(args.checkpoint), "checkpoint"), (Path(args.data_bin) / "dict.txt", "dictionary")):
@@ -245,7 +245,7 @@ def _registry_client(args: argparse.Namespace):
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from lmforge import promotion
+    from lmforge.models import promotion
 
     client = _registry_client(args)
     if not args.name:
@@ -269,7 +269,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from lmforge import promotion
+    from lmforge.models import promotion
 
     cfg = load_config(args)
     result = promotion.promote(
@@ -295,7 +295,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from lmforge import worker
+    from lmforge.training import worker
 
     # The status carries meaning for a PyTorchJob's restart policy (138, 143: retry): pass it on as it is.
     raise SystemExit(worker.run_from_args(args))
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("worker", help="one training process (started by torchrun or a PyTorchJob)")
-    from lmforge.worker import add_arguments
+    from lmforge.training.worker import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_worker)

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from lmforge import __version__, storage, tracking
+from lmforge import __version__, tracking
+from lmforge.io import storage
 from lmforge import config as config_mod
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
@@ -115,8 +116,8 @@ def _mlflow_run(cfg: RunConfig, pipeline_run_id: str) -> str:
 @step("configure")
 def configure(config_json: str, **parameters: Any) -> ConfigureOutputs:
     """Validate the run config once, up front, and cut out what each data stage depends on.
-    `parameters`: the pipeline's run-form values (lmforge.run_parameters), empty or 0 for "as in config_json"."""
-    from lmforge import run_parameters
+    `parameters`: the pipeline's run-form values (lmforge.config.run_parameters), empty or 0 for "as in config_json"."""
+    from lmforge.config import run_parameters
 
     cfg = config_mod.from_dict(run_parameters.apply(json.loads(config_json), parameters))
     if run_parameters.in_kfp_pod(os.environ):
@@ -130,7 +131,7 @@ def configure(config_json: str, **parameters: Any) -> ConfigureOutputs:
 def download(download_json: str) -> DownloadOutputs:
     """Cached by KFP on `download_json` (corpus and storage settings); logs nothing to MLflow for that
     reason: the train step records the corpus in the pipeline run's MLflow run."""
-    from lmforge.download import download_corpus
+    from lmforge.data.download import download_corpus
 
     cfg = config_mod.from_stage_json(download_json)
     storage.use_endpoint(cfg.storage.s3_endpoint)
@@ -183,8 +184,8 @@ def log_run_inputs(cfg: RunConfig, corpus_dir: str, data_bin: str) -> None:
 @step("preprocess")
 def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> PreprocessOutputs:
     """Cached by KFP on its inputs: the preprocess settings and the corpus (by digest)."""
-    from lmforge.preprocess import preprocess as build
-    from lmforge.preprocess import settings_kwargs
+    from lmforge.data.preprocess import preprocess as build
+    from lmforge.data.preprocess import settings_kwargs
 
     cfg = _preprocess_config(preprocess_json)
     out = data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256))
@@ -195,7 +196,7 @@ def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> Pre
 
 # --------------------------------------------------------------------------- preprocessing as map-reduce
 # plan -> count (one task per shard) -> dictionary -> binarize (one per shard) -> merge; see
-# lmforge.preprocess. Each takes only the preprocess settings, the corpus and upstream outputs, all
+# lmforge.data.preprocess. Each takes only the preprocess settings, the corpus and upstream outputs, all
 # content-addressed, so KFP's cache hits exactly when those are unchanged. No MLflow logging here.
 
 
@@ -212,7 +213,7 @@ def _descriptors_in_order(items: list) -> list[dict[str, Any]]:
 
 
 def _preprocess_config(preprocess_json: str) -> RunConfig:
-    from lmforge import storage
+    from lmforge.io import storage
 
     cfg = config_mod.from_stage_json(preprocess_json)
     storage.use_endpoint(cfg.storage.s3_endpoint)
@@ -222,7 +223,7 @@ def _preprocess_config(preprocess_json: str) -> RunConfig:
 @step("preprocess plan")
 def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> list:
     """Tokenizer trained (or loaded) once, and the shard plan: one JSON descriptor per shard."""
-    from lmforge.preprocess import Settings, prepare
+    from lmforge.data.preprocess import Settings, prepare
 
     cfg = _preprocess_config(preprocess_json)
     work_dir = str(data_dir(cfg, "preprocess", config_mod.content_key(preprocess_json, corpus_sha256)))
@@ -234,8 +235,8 @@ def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -
 @step("tokenize+count")
 def preprocess_count(shard: str) -> str:
     """Map 1: one shard's ranges read, tokenized and counted."""
-    from lmforge.preprocess import count_shard
-    from lmforge.shards import Shard
+    from lmforge.data.preprocess import count_shard
+    from lmforge.data.shards import Shard
 
     d = json.loads(shard)
     _preprocess_config(d["preprocess_json"])
@@ -246,7 +247,7 @@ def preprocess_count(shard: str) -> str:
 @step("dictionary")
 def preprocess_dictionary(preprocess_json: str, counts: list) -> list:
     """Reduce: dict.txt from every shard's counts; the shards again, in order, for map 2."""
-    from lmforge.preprocess import Settings, build_dictionary
+    from lmforge.data.preprocess import Settings, build_dictionary
 
     cfg = _preprocess_config(preprocess_json)
     shards = _descriptors_in_order(counts)
@@ -258,7 +259,7 @@ def preprocess_dictionary(preprocess_json: str, counts: list) -> list:
 @step("binarize")
 def preprocess_binarize(shard: str) -> str:
     """Map 2: one shard's ids through the dictionary into .bin parts and sentence sizes."""
-    from lmforge.preprocess import binarize_shard
+    from lmforge.data.preprocess import binarize_shard
 
     d = json.loads(shard)
     _preprocess_config(d["preprocess_json"])
@@ -268,7 +269,7 @@ def preprocess_binarize(shard: str) -> str:
 @step("merge")
 def preprocess_merge(preprocess_json: str, corpus_sha256: str, parts: list) -> PreprocessOutputs:
     """The shards joined in order into the data-bin (dict.txt, .bin/.idx, summary.json, tokenizer)."""
-    from lmforge.preprocess import merge_shards
+    from lmforge.data.preprocess import merge_shards
 
     cfg = _preprocess_config(preprocess_json)
     shards = _descriptors_in_order(parts)
@@ -284,7 +285,7 @@ def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str
     The launcher is train.launcher: local processes (`lmforge run`'s default) or a PyTorchJob
     (the compiled pipeline's default) named after the pipeline run, so a retry attaches to it.
     """
-    from lmforge.train import train as run_training
+    from lmforge.training.train import train as run_training
 
     cfg = config_mod.from_json(config_json)
     storage.use_endpoint(cfg.storage.s3_endpoint)
@@ -313,8 +314,8 @@ def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: 
     """`metrics` is the component's KFP Metrics artifact (None outside KFP): the Kubeflow UI shows it
     on the run page. The result, with its evaluation identity, also goes to MLflow and to
     `<run dir>/eval/metrics.json`, and as `evaluation_json` to the register step."""
-    from lmforge.evaluate import evaluate as score
-    from lmforge.evaluate import mlflow_metrics
+    from lmforge.models.evaluate import evaluate as score
+    from lmforge.models.evaluate import mlflow_metrics
 
     cfg = config_mod.from_json(config_json)
     storage.use_endpoint(cfg.storage.s3_endpoint)
@@ -337,7 +338,7 @@ def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: 
 
 def _write_eval_metrics(cfg: RunConfig, pipeline_run_id: str, result: dict) -> str:
     """metrics.json under the run's outputs (local, or uploaded when storage.root is s3://)."""
-    from lmforge.evaluate import write_metrics
+    from lmforge.models.evaluate import write_metrics
 
     uri = storage.join(run_dir(cfg, pipeline_run_id), "eval", "metrics.json")
     if not storage.is_remote(uri):
@@ -355,8 +356,8 @@ def register(
     evaluation_json: str,
 ) -> RegisterOutputs:
     """Register through the promotion gate; `evaluation_json` is the evaluate step's result."""
-    from lmforge.register import register_model
-    from lmforge.staging import local_dir, local_file
+    from lmforge.models.register import register_model
+    from lmforge.io.staging import local_dir, local_file
 
     cfg = config_mod.from_json(config_json)
     storage.use_endpoint(cfg.storage.s3_endpoint)

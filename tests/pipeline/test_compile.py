@@ -247,7 +247,7 @@ def test_compiled_yaml_has_no_secret_value(compiled, tmp_path, monkeypatch):
 def test_image_registry_moves_every_image(tmp_path):
     from lmforge import config as config_mod
     from lmforge.pipeline.compile import compile_pipeline
-    from lmforge.pipeline.images import STEPS_IMAGE
+    from lmforge.images import STEPS_IMAGE
 
     cfg = config_mod.load(config_mod.shipped_config_path("tiny"), ["cluster.image_registry=registry.local:5000/ml"])
     spec, _ = pipeline_docs(compile_pipeline(cfg, tmp_path / "p.yaml"))

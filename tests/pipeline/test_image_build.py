@@ -20,7 +20,7 @@ import yaml
 
 from lmforge import __version__, cli
 from lmforge.pipeline import image_build
-from lmforge.pipeline.images import STEPS_IMAGE, TRAINER_IMAGE
+from lmforge.images import STEPS_IMAGE, TRAINER_IMAGE
 
 REPO = Path(__file__).resolve().parents[2]
 

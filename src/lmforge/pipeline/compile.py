@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from lmforge.config import RunConfig
-from lmforge.pipeline.images import STEPS_IMAGE, TRAINER_IMAGE, image
+from lmforge.images import STEPS_IMAGE, TRAINER_IMAGE, image
 
 PIPELINE_FILE = Path("pipelines") / "lmforge.yaml"
 COMPONENTS_DIR = Path("components")

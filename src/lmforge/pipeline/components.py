@@ -11,7 +11,7 @@ from typing import List, NamedTuple
 from kfp import dsl
 from kfp.dsl import Metrics, Output
 
-from lmforge.pipeline.images import STEPS_IMAGE
+from lmforge.images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)

@@ -24,8 +24,8 @@ from typing import IO, Any
 
 from lmforge import __version__
 from lmforge.errors import LmforgeError
-from lmforge.pipeline.images import STEPS_IMAGE, TRAINER_IMAGE
-from lmforge.pipeline.images import image as image_in
+from lmforge.images import STEPS_IMAGE, TRAINER_IMAGE
+from lmforge.images import image as image_in
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lmforge import steps, storage
+from lmforge import steps
+from lmforge.io import storage
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
 

@@ -1,0 +1,242 @@
+"""The one place lmforge calls fairseq's training and evaluation entry points in-process.
+
+In: argument lists built by `lmforge.fairseq_api.arguments`. Out: fairseq's own results
+(training writes checkpoints; eval-lm returns loss and perplexity). fairseq is
+imported inside each function: importing it costs ~5 s and is only needed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
+
+
+def _parse(parser_factory: Callable[[], Any], argv: list[str]) -> Any:
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = parser_factory()
+    try:
+        args = options.parse_args_and_arch(parser, input_args=argv)
+    except SystemExit as exc:  # argparse already printed what was wrong
+        raise LmforgeError(f"fairseq rejected the arguments (exit {exc.code}); see the message above") from None
+    return convert_namespace_to_omegaconf(args)
+
+
+def architectures() -> set[str]:
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    return set(ARCH_MODEL_REGISTRY)
+
+
+def criteria() -> set[str]:
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    return set(CRITERION_REGISTRY)
+
+
+def check_train_args(argv: list[str]) -> None:
+    """Raise LmforgeError when fairseq-train would reject `argv` (unknown option, bad value)."""
+    from fairseq import options
+
+    _parse(options.get_training_parser, argv)
+
+
+def train(
+    argv: list[str],
+    *,
+    on_checkpoint: Callable[[Any], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> None:
+    """fairseq-train in this process; the distributed placement is in argv (see fairseq_args).
+
+    `on_checkpoint(SaveEvent)` runs on the process that wrote checkpoints, right after each save
+    is complete on disk. `stop_requested()` is asked after every update, on every process (it
+    may be a collective); when it says yes, a checkpoint is saved and training ends as if it
+    had reached max_update.
+    """
+    from fairseq import options
+
+    cfg = _parse(options.get_training_parser, argv)
+    with _training_hooks(on_checkpoint, stop_requested):
+        from fairseq.distributed import utils as distributed_utils
+        from fairseq_cli import train as fairseq_train
+
+        distributed_utils.call_main(cfg, fairseq_train.main)
+
+
+@contextlib.contextmanager
+def _training_hooks(
+    on_checkpoint: Callable[[Any], None] | None, stop_requested: Callable[[], bool] | None
+) -> Iterator[None]:
+    """Wrap fairseq's save_checkpoint and validate_and_save for the duration of one training run.
+
+    fairseq offers no callback for either. fairseq_cli.train looks both up as module attributes
+    at every call, so replacing the attributes is enough. The save wrapper is a new function per
+    run, so fairseq's best-loss memory (an attribute of save_checkpoint) starts fresh each run
+    instead of leaking from an earlier run in the same process.
+    """
+    from fairseq import checkpoint_utils
+    from fairseq_cli import train as fairseq_train
+
+    from lmforge.training.checkpoints import SaveEvent
+
+    original_save = checkpoint_utils.save_checkpoint
+    original_validate_and_save = fairseq_train.validate_and_save
+
+    def save_checkpoint(cfg: Any, trainer: Any, epoch_itr: Any, val_loss: Any) -> Any:
+        result = original_save(cfg, trainer, epoch_itr, val_loss)
+        if on_checkpoint is not None and not cfg.no_save and trainer.should_save_checkpoint_on_current_rank:
+            best = getattr(checkpoint_utils.save_checkpoint, "best", None)
+            on_checkpoint(SaveEvent(
+                num_updates=trainer.get_num_updates(), epoch=epoch_itr.epoch,
+                end_of_epoch=epoch_itr.end_of_epoch(), best_loss=float(best) if best is not None else None,
+            ))
+        return result
+
+    def validate_and_save(cfg: Any, trainer: Any, task: Any, epoch_itr: Any, valid_subsets: Any, end_of_epoch: bool) -> Any:
+        if stop_requested is not None and stop_requested():
+            # No validation: the time before SIGKILL (terminationGracePeriodSeconds) goes to saving.
+            log.info("stop requested: saving a checkpoint at %d updates", trainer.get_num_updates())
+            checkpoint_utils.save_checkpoint(cfg.checkpoint, trainer, epoch_itr, None)
+            return [None], True
+        return original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch)
+
+    checkpoint_utils.save_checkpoint = save_checkpoint
+    fairseq_train.validate_and_save = validate_and_save
+    try:
+        yield
+    finally:
+        checkpoint_utils.save_checkpoint = original_save
+        fairseq_train.validate_and_save = original_validate_and_save
+
+
+def dry_run(argv: list[str], *, world_size: int, update_freq: int) -> dict[str, Any]:
+    """What one epoch of this training means, from fairseq's own batching, plus one real batch.
+
+    Returns batches per process, updates per epoch, tokens per update, the parameter count and
+    the loss (base 2), seconds and peak memory of one forward/backward pass on this machine.
+    """
+    import math
+
+    import torch
+    from fairseq import options, tasks, utils
+
+    cfg = _parse(options.get_training_parser, argv)
+    utils.import_user_module(cfg.common)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train", combine=False, epoch=1)
+    dataset = task.dataset("train")
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    epoch_itr = task.get_batch_iterator(
+        dataset=dataset,
+        max_tokens=cfg.dataset.max_tokens,
+        max_sentences=cfg.dataset.batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions(), cfg.dataset.max_tokens),
+        ignore_invalid_inputs=True,
+        required_batch_size_multiple=cfg.dataset.required_batch_size_multiple,
+        seed=cfg.common.seed,
+        num_shards=world_size,
+        shard_id=0,
+        num_workers=0,
+        epoch=1,
+    )
+    batches = len(epoch_itr)  # this process's share of the epoch
+    train_tokens = int(dataset.sizes.sum())
+    updates = math.ceil(batches / update_freq)
+    # every process contributes update_freq batches to an update
+    batch_tokens = [int(dataset.sizes[batch].sum()) for batch in epoch_itr.frozen_batches]
+    tokens_per_update = sum(batch_tokens) / max(len(batch_tokens), 1) * world_size * update_freq
+    device = torch.device("cpu" if cfg.common.cpu or not torch.cuda.is_available() else f"cuda:{cfg.distributed_training.device_id}")
+    dtype = torch.bfloat16 if cfg.common.bf16 else torch.float16 if cfg.common.fp16 else torch.float32
+    model.to(device=device, dtype=dtype).train()
+    criterion.to(device)
+    sample = next(iter(epoch_itr.next_epoch_itr(shuffle=False)))
+    if device.type == "cuda":
+        sample = utils.move_to_cuda(sample, device=device)
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    loss, sample_size, _ = criterion(model, sample)
+    (loss / sample_size).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    return {
+        "train_tokens": train_tokens,
+        "batches_per_process": batches,
+        "updates_per_epoch": updates,
+        "tokens_per_update": round(tokens_per_update),
+        "max_tokens_per_update": cfg.dataset.max_tokens * world_size * update_freq,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch": {
+            "tokens": int(sample["ntokens"]),
+            "loss_base2": float(loss.detach()) / float(sample_size) / math.log(2),
+            "seconds": seconds,
+            "device": str(device),
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        },
+    }
+
+
+def eval_lm(argv: list[str]) -> dict[str, float]:
+    """fairseq-eval-lm in this process.
+
+    Returns {'loss' (base 2), 'perplexity', 'tokens', 'seconds' (wall, loading included),
+    'scoring_seconds' and 'tokens_per_second' (fairseq's timer around the scoring loop, as the
+    CLI prints them)}.
+    """
+    from fairseq import options
+    from fairseq_cli import eval_lm as fairseq_eval_lm
+
+    cfg = _parse(options.get_eval_lm_parser, argv)
+    counter = _TokenCounter()
+    eval_logger = logging.getLogger(fairseq_eval_lm.__name__)
+    eval_logger.addHandler(counter)
+    # The count is read from an INFO line: make sure it is emitted whatever LOGLEVEL says.
+    previous_level = eval_logger.level
+    eval_logger.setLevel(logging.INFO)
+    started = time.perf_counter()
+    try:
+        results = fairseq_eval_lm.main(cfg)
+    finally:
+        eval_logger.removeHandler(counter)
+        eval_logger.setLevel(previous_level)
+    return {
+        "loss": float(results["loss"]),
+        "perplexity": float(results["perplexity"]),
+        "tokens": counter.tokens,
+        "seconds": time.perf_counter() - started,
+        # fairseq's own timer around the scoring loop (model loading excluded), as the CLI prints it
+        "scoring_seconds": counter.seconds,
+        "tokens_per_second": counter.rate,
+    }
+
+
+_EVALUATED = re.compile(r"^Evaluated ([\d,]+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)")
+
+
+class _TokenCounter(logging.Handler):
+    """Reads fairseq-eval-lm's 'Evaluated N tokens in Xs (R tokens/s)' line: main() returns
+    only loss and perplexity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = 0
+        self.seconds = 0.0
+        self.rate = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = _EVALUATED.match(record.getMessage())
+        if match:
+            self.tokens = int(match.group(1).replace(",", ""))
+            self.seconds = float(match.group(2))
+            self.rate = float(match.group(3))

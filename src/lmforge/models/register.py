@@ -1,0 +1,413 @@
+"""Register a trained fairseq language model in the MLflow model registry, through the gate.
+
+In:  a fairseq checkpoint (.pt), the data-bin it was trained on (``dict.txt`` and the
+     tokenizer files), the evaluation of it (`lmforge.models.evaluate`: perplexity and identity),
+     the MLflow tracking URI and the pipeline's MLflow run, a registered-model name, the
+     champion/challenger aliases and the caller's lineage tags (corpus_sha256, config_hash,
+     pipeline_run_id, ...).
+Out: a version of the registered model, an MLflow pyfunc model
+     (`lmforge.models.scoring.FairseqLanguageModel`) logged in that run with a signature, an input
+     example and pinned serving requirements, carrying the lineage tags (plus the ones
+     computed here: checkpoint, dict and tokenizer sha256, data-bin digest, package version,
+     evaluation identity and perplexity) and a description; `lmforge.promotion` then gives it
+     the champion or challenger alias. Returns ``{"model_uri": "models:/NAME@ALIAS",
+     "version": "N", "run_id", "alias", "reason", "created"}``.
+
+    lmforge register --config pipelines/configs/tiny.yaml \\
+        --checkpoint runs/.../checkpoints/checkpoint_best.pt --data-bin runs/.../data-bin \\
+        [--metrics runs/.../eval/metrics.json] [--run-id <mlflow run id>]
+
+The optimizer state is dropped from the checkpoint first: it is about twice the size of the
+weights (Adam keeps two moments per parameter) and serving never reads it. Before anything
+is logged the slimmed checkpoint is loaded with its dictionary and scores a sentence, so a
+checkpoint/dictionary mismatch fails here, not in the serving process.
+
+The model loads wherever lmforge is installed (the pickled model refers to
+``lmforge.models.scoring`` by name); its pinned pip requirements list the serving stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+#: Distributions the serving process needs, pinned to the versions installed here.
+#: fairseq's wheel is published as ve-fairseq; cloudpickle must match to unpickle the model.
+SERVING_DISTRIBUTIONS = (
+    "torch",
+    "ve-fairseq",
+    "numpy",
+    "pandas",
+    "mlflow",
+    "cloudpickle",
+    "hydra-core",
+    "omegaconf",
+    "bitarray",
+    "sacrebleu",
+    "regex",
+)
+
+_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def serving_requirements() -> list[str]:
+    """``name==version`` for each serving distribution installed here."""
+    pins = []
+    for name in SERVING_DISTRIBUTIONS:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        # "2.13.0+cpu" -> "2.13.0": the local label names this machine's build, and the same
+        # model serves from a CUDA build of that torch release.
+        pins.append(f"{name}=={version.split('+')[0]}")
+    return pins
+
+
+def data_bin_digest(data_bin: Path) -> str:
+    """sha256 over the data-bin's files: one "name sha256" line per file, sorted by name.
+
+    Logs are left out (they hold timings); everything a model's numbers depend on is in.
+    """
+    import hashlib
+
+    from lmforge.models.evaluate import file_sha256
+
+    lines = [
+        f"{path.relative_to(data_bin).as_posix()} {file_sha256(path)}\n"
+        for path in sorted(data_bin.rglob("*"))
+        if path.is_file() and path.suffix != ".log" and ".tmp" not in path.name
+    ]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def lineage_tags(
+    *, checkpoint: Path, dict_path: Path, tokenizer: Any, data_bin: Path | None, evaluation: dict | None,
+) -> dict[str, str]:
+    """The tags lmforge computes itself: what the model is made of and how it was evaluated."""
+    from lmforge import __version__
+    from lmforge.models.evaluate import file_sha256
+    from lmforge.models.promotion import TAG_CHECKPOINT, TAG_IDENTITY, TAG_IDENTITY_JSON, TAG_PERPLEXITY
+
+    tags = {
+        TAG_CHECKPOINT: file_sha256(checkpoint),
+        "dict_sha256": file_sha256(dict_path),
+        "tokenizer_kind": tokenizer.kind,
+        "tokenizer_sha256": tokenizer.sha256 or "none",
+        "lmforge_version": __version__,
+    }
+    if data_bin is not None:
+        tags["data_bin_digest"] = data_bin_digest(data_bin)
+    if evaluation is not None:
+        identity = evaluation["identity"]
+        tags[TAG_IDENTITY] = evaluation.get("identity_sha256") or _identity_sha256(identity)
+        tags[TAG_IDENTITY_JSON] = json.dumps(identity, sort_keys=True)
+        tags[TAG_PERPLEXITY] = repr(float(evaluation["perplexity"]))
+        tags[f"{identity['split']}_perplexity"] = f"{float(evaluation['perplexity']):.6g}"
+    return tags
+
+
+def _identity_sha256(identity: dict) -> str:
+    from lmforge.models.evaluate import identity_sha256
+
+    return identity_sha256(identity)
+
+
+def register_model(
+    *,
+    checkpoint: str | Path,
+    dict_path: str | Path,
+    model_name: str,
+    tracking_uri: str,
+    run_id: str,
+    tags: dict[str, str],
+    evaluation: dict | None = None,
+    alias: str = "champion",
+    challenger_alias: str = "challenger",
+    data_bin: str | Path | None = None,
+    gate_timeout_s: float | None = None,
+) -> dict:
+    """Log the checkpoint as a pyfunc model in run `run_id`, register it, and pass it through the
+    promotion gate (`lmforge.promotion`): it takes `alias` (champion) or `challenger_alias`.
+
+    `evaluation` is `lmforge.models.evaluate.evaluate`'s result (perplexity and identity); without it
+    the version is not comparable and becomes challenger unless it is the first. `data_bin`
+    (default: the dictionary's directory) holds the tokenizer files and is digested. A
+    checkpoint already registered under `model_name` (same sha256) is not registered again:
+    its version is returned. Returns {"model_uri": "models:/NAME@ALIAS", "version", "run_id",
+    "alias", "reason", "created"}.
+    """
+    checkpoint, dict_path = _local_path(checkpoint), _local_path(dict_path)
+    # Every check a user can act on comes before anything is written to MLflow.
+    if not checkpoint.is_file():
+        raise LmforgeError(f"checkpoint {checkpoint} does not exist; pass --checkpoint with a fairseq .pt file")
+    if dict_path.is_dir():
+        dict_path = dict_path / "dict.txt"
+    if not dict_path.is_file():
+        raise LmforgeError(
+            f"checkpoint without its dictionary: {dict_path} does not exist; "
+            "pass --data-bin with the dict.txt the model was trained with"
+        )
+    data_bin = _local_path(data_bin) if data_bin is not None else dict_path.parent
+    if not model_name or not model_name.strip():
+        raise LmforgeError("model name is empty; set registry.model_name")
+    for name in (alias, challenger_alias):
+        if not _ALIAS.match(name) or re.fullmatch(r"v\d+", name):
+            raise LmforgeError(f"alias {name!r} must be a name like 'champion' (letters, digits, '_', '-'; not vN)")
+    if alias == challenger_alias:
+        raise LmforgeError("the champion and challenger aliases must differ")
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.models import promotion
+    from lmforge.data.tokenization import TOKENIZER_MANIFEST, load_tokenizer
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise LmforgeError(
+            f"MLflow run {run_id!r} not found at {tracking_uri}; pass the run id of this pipeline run"
+        ) from None
+    if run.info.lifecycle_stage == "deleted":
+        raise LmforgeError(f"MLflow run {run_id} at {tracking_uri} is deleted; restore it or pass another run id")
+
+    tokenizer = load_tokenizer(data_bin)
+    computed = lineage_tags(
+        checkpoint=checkpoint, dict_path=dict_path, tokenizer=tokenizer, data_bin=data_bin, evaluation=evaluation
+    )
+    all_tags = {**{k: str(v) for k, v in tags.items()}, **computed}
+    gate = {"champion_alias": alias, "challenger_alias": challenger_alias}
+    if gate_timeout_s is not None:
+        gate["timeout_s"] = gate_timeout_s
+
+    existing = _version_with_checkpoint(client, model_name, computed[promotion.TAG_CHECKPOINT])
+    if existing is not None:  # the same checkpoint again: one version
+        decision = promotion.run_gate(client, model_name, str(existing.version), **gate)
+        return _result(model_name, existing.version, existing.run_id, decision, alias, challenger_alias, created=False)
+
+    from lmforge.models.scoring import EXAMPLE_TEXTS, FairseqLanguageModel, input_example, model_signature
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-register-") as tmp:
+        staged = Path(tmp)
+        arch = _strip_optimizer_state(checkpoint, staged / "model.pt")
+        _copy(dict_path, staged / "dict.txt")
+        tokenizer_dir = staged / "tokenizer"
+        tokenizer_dir.mkdir()
+        for path in tokenizer.files():
+            _copy(path, tokenizer_dir / path.name)
+        if not (tokenizer_dir / TOKENIZER_MANIFEST).exists():
+            # Kind "none" has no file in the data-bin; the model still carries a manifest saying so.
+            (tokenizer_dir / TOKENIZER_MANIFEST).write_text(
+                json.dumps({"kind": tokenizer.kind, "model": None, "sha256": None}) + "\n"
+            )
+        _check_loads(staged / "model.pt", staged / "dict.txt", tokenizer_dir, checkpoint, dict_path, EXAMPLE_TEXTS)
+
+        # The fluent API logs into "the active run" on "the tracking URI": point both at the
+        # pipeline's, and put back what the caller had.
+        with _tracking_uri(mlflow, tracking_uri), _in_run(mlflow, client, run):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=FairseqLanguageModel(),
+                artifacts={
+                    "checkpoint": str(staged / "model.pt"),
+                    "dict": str(staged / "dict.txt"),
+                    "tokenizer": str(tokenizer_dir),
+                },
+                signature=model_signature(),
+                input_example=input_example(),
+                pip_requirements=serving_requirements(),
+                tags=all_tags,
+            )
+            # Created "pending" in the same call: concurrent gates are serialized on that tag.
+            version = mlflow.register_model(
+                info.model_uri, model_name, tags={**all_tags, promotion.TAG_GATE: "pending"}
+            ).version
+
+    client.update_model_version(model_name, version, description=_description(arch, run_id, evaluation))
+    if not client.get_registered_model(model_name).description:
+        client.update_registered_model(
+            model_name,
+            description=(
+                "fairseq language models trained by lmforge. Aliases: "
+                f"'{alias}' is the best version on a comparable evaluation, '{challenger_alias}' the latest "
+                "that did not beat it (see each version's lmforge.promotion_reason tag). "
+                "predict() takes texts and returns log_prob, tokens, perplexity and eos_log_prob."
+            ),
+        )
+    decision = promotion.run_gate(client, model_name, str(version), **gate)
+    return _result(model_name, version, run_id, decision, alias, challenger_alias, created=True)
+
+
+def _result(name, version, run_id, decision, alias, challenger_alias, *, created: bool) -> dict:
+    from lmforge.models.promotion import CHAMPION
+
+    given = alias if decision.role == CHAMPION else challenger_alias
+    return {
+        "model_uri": f"models:/{name}@{given}",
+        "version": str(version),
+        "run_id": run_id,
+        "alias": given,
+        "reason": decision.reason,
+        "created": created,
+    }
+
+
+def _version_with_checkpoint(client, name: str, sha256: str):
+    from lmforge.models.promotion import TAG_CHECKPOINT
+
+    found = client.search_model_versions(f"name = '{name}' and tags.{TAG_CHECKPOINT} = '{sha256}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _description(arch: str, run_id: str, evaluation: dict | None) -> str:
+    text = (
+        f"fairseq {arch} language model from MLflow run {run_id}; "
+        "predict() takes raw texts (a list of str, or a DataFrame with the texts in its first column) "
+        "and returns log_prob (natural log of the tokens, as fairseq's hub score() sums it), "
+        "tokens (tokens scored), perplexity and eos_log_prob (log p(</s> | text)); with the parameter "
+        "continuation_tokens=N also a sampled continuation (temperature, top_k, seed)."
+    )
+    if evaluation is not None:
+        identity = evaluation["identity"]
+        text += (
+            f" {identity.get('split')} perplexity {float(evaluation['perplexity']):.4g} "
+            f"(fairseq-eval-lm, tokens_per_sample {identity.get('tokens_per_sample')}, "
+            f"context_window {identity.get('context_window')}, identity {evaluation.get('identity_sha256', '')[:12]})."
+        )
+    return text
+
+
+def _local_path(value: str | Path) -> Path:
+    text = str(value)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        raise LmforgeError(f"{text}: register reads local files; fetch the checkpoint and dict.txt first")
+    return Path(text).expanduser()
+
+
+def _copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copyfile(src, dst)
+
+
+def _strip_optimizer_state(src: Path, dst: Path) -> str:
+    """Write `src` without its optimizer state to `dst`; returns the architecture name."""
+    import pickle
+
+    import torch
+
+    from lmforge.models.scoring import _import_fairseq_hub_utils
+
+    # Unpickling a checkpoint imports fairseq (its cfg classes): do that import quietly first.
+    _import_fairseq_hub_utils()
+
+    try:
+        # weights_only=False: fairseq checkpoints pickle an argparse Namespace / omegaconf cfg.
+        # The file is our own training output, not untrusted input.
+        state = torch.load(src, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise LmforgeError(f"{src} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise LmforgeError(f"{src} is not a fairseq checkpoint (no 'model' entry)")
+    state.pop("last_optimizer_state", None)
+    torch.save(state, dst)
+    return _arch(state)
+
+
+def _arch(state: dict) -> str:
+    cfg = state.get("cfg")
+    try:
+        name = cfg["model"]["_name"] if cfg is not None else None
+    except (KeyError, TypeError):
+        name = None
+    if not name and state.get("args") is not None:
+        name = getattr(state["args"], "arch", None)
+    return str(name or "unknown-arch")
+
+
+def _check_loads(model_pt: Path, dict_txt: Path, tokenizer_dir: Path, checkpoint: Path, dict_path: Path, texts) -> None:
+    """Load the staged files the way the registered model will, and score `texts`."""
+    from lmforge.models.scoring import FairseqLanguageModel
+
+    try:
+        FairseqLanguageModel.from_files(model_pt, dict_txt, tokenizer_dir=tokenizer_dir).score_texts(list(texts))
+    except (RuntimeError, ValueError) as exc:
+        # RuntimeError: load_state_dict's "size mismatch for decoder.embed_tokens.weight", the
+        # dictionary has a different number of symbols than the model was trained with.
+        # ValueError: fairseq's "Incorrect dictionary format" for a file that is no dict.txt.
+        raise LmforgeError(
+            f"checkpoint {checkpoint} does not load with {dict_path} ({_first_line(exc)}); "
+            "pass --data-bin with the dict.txt the model was trained with"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.strip() and not line.strip().startswith("Error(s) in loading"):
+            return line.strip()[:200]
+    return type(exc).__name__
+
+
+@contextlib.contextmanager
+def _tracking_uri(mlflow, uri: str):
+    """Use `uri` as the fluent API's tracking URI, then restore the caller's setting exactly.
+
+    mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, and
+    resetting it to "unset" deletes that variable, so the variable is saved and put back by
+    hand (mlflow's own private `_use_tracking_uri` would drop a caller's variable).
+    """
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+class _in_run:
+    """Make `run` the active fluent run, leaving its status as it was.
+
+    `mlflow.start_run(run_id=...)` ends the run on exit (status FINISHED); the pipeline run
+    belongs to whoever opened it, so a run that was RUNNING is put back to RUNNING. When the
+    caller already has this run active, it is used as is.
+    """
+
+    def __init__(self, mlflow, client, run):
+        self.mlflow, self.client, self.run = mlflow, client, run
+        self.started = None
+
+    def __enter__(self):
+        active = self.mlflow.active_run()
+        if active is not None and active.info.run_id == self.run.info.run_id:
+            return active
+        # nested=True only when another run is active: the fluent API refuses a second run.
+        self.started = self.mlflow.start_run(run_id=self.run.info.run_id, nested=active is not None)
+        return self.started
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.started is None:
+            return False
+        self.mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        if self.run.info.status == "RUNNING":
+            self.client.update_run(self.run.info.run_id, status="RUNNING")
+        return False

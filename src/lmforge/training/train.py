@@ -1,0 +1,194 @@
+"""The train stage: fairseq training of the configured model, launched as configured.
+
+In: the run config, the data-bin location (dict.txt and mmap splits) and the checkpoint
+location (a directory or s3:// URI). Out: checkpoints there (checkpoint_best.pt,
+checkpoint_last.pt, interval/epoch ones as configured, and checkpoints.json describing them)
+and a summary (epochs, updates, best validation loss, the two checkpoints' locations).
+Running again with the same checkpoint location resumes from the newest checkpoint that loads.
+
+Before anything starts, `preflight` checks what the config cannot check alone: the data-bin
+(splits, vocabulary size against adaptive softmax cutoffs) and the machine or cluster the
+launcher will use. `dry_run` adds fairseq's own view of one epoch and one real batch.
+
+    lmforge train --config tiny.yaml --data-bin DIR --checkpoints DIR [--dry-run]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lmforge.training import checkpoints
+from lmforge.io import storage
+from lmforge import config as config_mod
+from lmforge.config import RunConfig
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "run-config.json"
+SPECIAL_SYMBOLS = 4  # <s>, <pad>, </s>, <unk>: in fairseq's Dictionary, not in dict.txt
+
+
+def worker_args(config_uri: str, data_bin: str, checkpoint_uri: str, tracking_uri: str, mlflow_run_id: str) -> list[str]:
+    args = ["--config", config_uri, "--data", data_bin, "--save-dir", checkpoint_uri]
+    if tracking_uri:
+        args += ["--tracking-uri", tracking_uri]
+    if mlflow_run_id:
+        args += ["--mlflow-run-id", mlflow_run_id]
+    return args
+
+
+def _absolute(location: str | Path) -> str:
+    """Local locations made absolute (the workers run elsewhere); URIs as given."""
+    path = storage.local_path(str(location))
+    return str(path.resolve()) if path is not None else str(location)
+
+
+# ------------------------------------------------------------------ checks before launch
+
+
+def data_problems(cfg: RunConfig, data_bin: str) -> list[str]:
+    """What the data-bin lacks for this config (needs only listing it and reading dict.txt)."""
+    names = set(storage.list_files(data_bin))
+    if "dict.txt" not in names:
+        return [f"{data_bin} has no dict.txt; point --data-bin at the preprocess step's output"]
+    problems = []
+    for split in ("train", "valid"):
+        if not {f"{split}.bin", f"{split}.idx"} <= names:
+            problems.append(f"{data_bin} has no {split}.bin/{split}.idx; preprocess the {split} split")
+    cutoff = config_mod.adaptive_softmax_cutoff(cfg)
+    if cutoff:
+        vocab = SPECIAL_SYMBOLS + sum(1 for line in storage.read_text(storage.join(data_bin, "dict.txt")).splitlines() if line.strip())
+        if cutoff[-1] > vocab:
+            problems.append(
+                f"model.options.adaptive_softmax_cutoff: {','.join(map(str, cutoff))} exceeds the vocabulary of "
+                f"{vocab} symbols; lower the cutoffs (e.g. {vocab // 3},{2 * vocab // 3})"
+            )
+    return problems
+
+
+def environment_problems(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> list[str]:
+    """What the launcher's target lacks: GPUs for the precision locally; reachable locations and credentials on a cluster."""
+    t, problems = cfg.train, []
+    if t.launcher == "local":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if t.precision != "fp32" and not gpus:
+            problems.append(f"train.precision: {t.precision} needs a GPU and this machine has none; use fp32")
+        elif "bf16" in t.precision and not torch.cuda.is_bf16_supported():
+            problems.append(f"train.precision: {t.precision} needs a GPU with bfloat16 (Ampere or newer)")
+        if gpus and t.nnodes * t.nproc > gpus:
+            problems.append(f"train.nproc: {t.nnodes} x {t.nproc} processes but {gpus} GPU(s): one process per GPU")
+    else:
+        c = cfg.cluster
+        shared = c.pvc_mount_path.rstrip("/") + "/" if c.pvc_name else None
+        for what, location in (("data-bin", data_bin), ("checkpoint location", checkpoint_uri)):
+            path = storage.local_path(location)
+            if path is not None and not (shared and str(path).startswith(shared)):
+                problems.append(
+                    f"train.launcher: pytorchjob pods cannot read the local {what} {location}; set storage.root "
+                    "to s3://... (or to a path under cluster.pvc_mount_path with cluster.pvc_name)"
+                )
+        from lmforge.training.launchers import pytorchjob
+
+        problem = pytorchjob.credentials_problem()
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> None:
+    """Raise one error naming every problem found before launch."""
+    cfg = config_mod.resolve_launcher(cfg, os.environ)
+    problems = data_problems(cfg, data_bin)
+    problems += environment_problems(cfg, data_bin, checkpoint_uri)
+    if problems:
+        raise LmforgeError("cannot train: " + "; ".join(problems))
+    from lmforge import fairseq_api
+    from lmforge.fairseq_api.arguments import Placement, train_args
+
+    # fairseq's own parser on the options as a worker will pass them (extra_args included)
+    placement = Placement(world_size=config_mod.world_size(cfg), cuda=cfg.train.precision != "fp32")
+    fairseq_api.check_train_args(train_args(cfg, data_bin, checkpoint_uri, placement))
+
+
+# ------------------------------------------------------------------ training
+
+
+def write_config(cfg: RunConfig, checkpoint_uri: str) -> str:
+    """The run config next to the checkpoints, where every worker reads it (and a person later)."""
+    uri = storage.join(checkpoint_uri, CONFIG_FILE)
+    with tempfile.TemporaryDirectory(prefix="lmforge-config-") as tmp:
+        local = Path(tmp) / CONFIG_FILE
+        local.write_text(cfg.to_json())
+        storage.put_file(local, uri)
+    return uri
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    from lmforge.training.worker import cache_root
+
+    return cache_root(cfg.train.cache_dir)
+
+
+def train(
+    cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path, *, tracking_uri: str = "", mlflow_run_id: str = "",
+    pipeline_run_id: str = "",
+) -> dict[str, Any]:
+    """Train to the end of the config's schedule (resuming what the checkpoint location holds); the summary."""
+    cfg = config_mod.resolve_launcher(cfg, os.environ)
+    data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
+    preflight(cfg, data_bin, checkpoint_uri)
+    resumable = checkpoints.read_manifest(checkpoint_uri)["checkpoints"]
+    if resumable:
+        log.info("resuming: %s holds %s", checkpoint_uri, ", ".join(sorted(resumable)))
+    config_uri = write_config(cfg, checkpoint_uri)
+    if cfg.train.launcher == "pytorchjob":
+        from lmforge.training.launchers import pytorchjob
+
+        if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
+            # a file on this pod's disk: the training pods log to MLFLOW_TRACKING_URI of cluster.mlflow_secret
+            tracking_uri = ""
+        args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri, mlflow_run_id)
+        run = pipeline_run_id or checkpoint_uri
+        pytorchjob.launch(cfg, args, job_name=pytorchjob.job_name(run), run=run)
+    else:
+        from lmforge.training.launchers import local
+
+        args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri, mlflow_run_id)
+        local.launch(cfg, args, cache_dir=cache_dir(cfg))
+    return checkpoints.summary(checkpoint_uri)
+
+
+def dry_run(cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path) -> dict[str, Any]:
+    """Preflight, then fairseq's batching of one epoch and one forward/backward pass here; nothing is saved."""
+    from lmforge import fairseq_api
+    from lmforge.fairseq_api.arguments import Placement, train_args
+    from lmforge.training.worker import stage_data
+
+    cfg = config_mod.resolve_launcher(cfg, os.environ)
+    data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
+    preflight(cfg, data_bin, checkpoint_uri)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    world = config_mod.world_size(cfg)
+    local_data = stage_data(data_bin, cache_dir(cfg))
+    with tempfile.TemporaryDirectory(prefix="lmforge-dry-run-") as tmp:
+        # placed as rank 0 of the job, but single-process: the batching below shards for `world`
+        argv = train_args(cfg, str(local_data), tmp, Placement(cuda=cuda))
+        report = fairseq_api.dry_run(argv, world_size=world, update_freq=cfg.train.update_freq)
+    report.update({
+        "launcher": cfg.train.launcher, "processes": world, "data_bin": data_bin, "checkpoints": checkpoint_uri,
+        "resumes_from": sorted(checkpoints.read_manifest(checkpoint_uri)["checkpoints"]) or None,
+    })
+    if cfg.train.max_update:
+        report["epochs_for_max_update"] = round(cfg.train.max_update / max(report["updates_per_epoch"], 1), 2)
+    log.info("dry run: %s", json.dumps(report))
+    return report
