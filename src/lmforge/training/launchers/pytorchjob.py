@@ -413,10 +413,11 @@ def launch(cfg: RunConfig, worker_args: list[str], *, job_name: str, run: str = 
 REFERENCE_HEADER = """\
 # Reference PyTorchJob: what the train step creates on a cluster
 # (train.launcher: pytorchjob), rendered by
-# lmforge.training.launchers.pytorchjob.render for the example inputs in reference_manifest_yaml(): the shipped wikitext-2
-# config on 2 nodes x 1 GPU, data and checkpoints on S3. GENERATED; a golden
-# test keeps it equal to the renderer (regenerate: LMFORGE_REGENERATE=1 pytest
-# tests/launchers). Not part of the kustomization; `kubectl create -f` it after
+# lmforge.training.launchers.pytorchjob.render for the example inputs in
+# reference_manifest_yaml(): the shipped wikitext-2 config on 2 nodes x 1 GPU,
+# data and checkpoints on S3. GENERATED; a golden test keeps it equal to the
+# renderer (regenerate: LMFORGE_REGENERATE=1 pytest tests/training/launchers).
+# Not part of the kustomization; `kubectl create -f` it after
 # replacing the URIs.
 #
 # - The operator sets MASTER_ADDR/MASTER_PORT (the Master's service),
