@@ -357,7 +357,7 @@ def register(
 ) -> RegisterOutputs:
     """Register through the promotion gate; `evaluation_json` is the evaluate step's result."""
     from lmforge.models.register import register_model
-    from lmforge.io.staging import local_dir, local_file
+    from lmforge.io.staging import fetched_dir, fetched_file
 
     cfg = config_mod.from_json(config_json)
     storage.use_endpoint(cfg.storage.s3_endpoint)
@@ -368,7 +368,7 @@ def register(
         "config_hash": cfg.config_hash(),
         "pipeline_run_id": pipeline_run_id,
     }
-    with local_dir(data_bin) as data, local_file(checkpoint) as ckpt:
+    with fetched_dir(data_bin) as data, fetched_file(checkpoint) as ckpt:
         result = register_model(
             checkpoint=ckpt, dict_path=data / "dict.txt", data_bin=data, model_name=cfg.registry.model_name,
             alias=cfg.registry.alias, challenger_alias=cfg.registry.challenger_alias, tracking_uri=uri,

@@ -72,7 +72,10 @@ from typing import IO, Any
 from lmforge.data import catalog as catalog_mod
 from lmforge.config import SPLITS
 from lmforge.errors import IntegrityError, LmforgeError
-from lmforge.logs import progress_enabled
+from lmforge.logs import Progress
+from lmforge.io import s3
+from lmforge.io.hashing import hash_file
+from lmforge.io.staging import replace_dir
 from lmforge.io.uris import HTTP, LOCAL, S3, Location, parse_location
 
 log = logging.getLogger(__name__)
@@ -644,44 +647,6 @@ class _Response:
     chunks: Iterator[bytes]
 
 
-class _Progress:
-    """A tqdm bar in a terminal, a log line every LOG_EVERY_S seconds elsewhere (a pod's log)."""
-
-    def __init__(self, label: str):
-        self.total: int | None = None
-        self.label, self.done = label, 0
-        self.bar = None
-        if progress_enabled():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False)
-        self.next_log = time.monotonic() + LOG_EVERY_S
-
-    def set_total(self, total: int) -> None:
-        self.total = total
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.refresh()
-
-    def restart(self) -> None:
-        self.done = 0
-        if self.bar is not None:
-            self.bar.reset(total=self.total)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif time.monotonic() >= self.next_log:
-            self.next_log = time.monotonic() + LOG_EVERY_S
-            of = f" of {self.total / 2**20:.1f} MiB ({100 * self.done / self.total:.0f}%)" if self.total else ""
-            log.info("%s: %.1f MiB%s", self.label, self.done / 2**20, of)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _reason(e: BaseException) -> str:
     """A short cause for a connection-level exception ("Connection refused", "timed out")."""
     text = str(e)
@@ -779,7 +744,7 @@ class _S3Source:
 
     def __init__(self, loc: Location, timeout_s: float, retries: int, endpoint_url: str | None):
         self.loc, self.retries = loc, retries
-        self.client = s3_client(endpoint_url, retries=retries, timeout_s=timeout_s)
+        self.client = s3.make_client(endpoint_url, retries=retries, timeout_s=timeout_s)
 
     def close(self) -> None:
         self.client.close()
@@ -789,7 +754,7 @@ class _S3Source:
         import urllib3
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-        transient = _s3_transient_errors()
+        transient = s3.transient_errors()
         args: dict[str, Any] = {"Bucket": self.loc.bucket, "Key": self.loc.key}
         if offset:
             args["Range"] = f"bytes={offset}-"
@@ -835,30 +800,6 @@ class _S3Source:
             body.close()
 
 
-def _s3_transient_errors() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
-
-    return (BotoConnectionError, ReadTimeoutError, IncompleteReadError, ResponseStreamingError)
-
-
-def s3_client(endpoint_url: str | None = None, *, retries: int = RETRIES, timeout_s: float = READ_TIMEOUT_S) -> Any:
-    """A boto3 S3 client: `endpoint_url`, else AWS_ENDPOINT_URL (MinIO in a stock Kubeflow, moto in tests).
-
-    botocore's adaptive retry mode retries throttling, 5xx and connection errors
-    with backoff and also slows the client down when the server throttles.
-    """
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        retries={"max_attempts": max(1, retries), "mode": "adaptive"},
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=timeout_s,
-    )
-    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
-
-
 def _fetch(
     loc: Location,
     out: Path,
@@ -890,7 +831,7 @@ def _fetch(
         raise AssertionError(f"not a remote location: {loc}")
     digest, received, total, validator = hashlib.sha256(), 0, None, None
     best = stalls = resumes = attempts = 0
-    progress = _Progress(loc.name or loc.display)
+    progress = Progress(loc.name or loc.display, every_s=LOG_EVERY_S, logger=log)
     try:
         with open(out, "wb") as fh:
             while True:
@@ -987,16 +928,6 @@ def fetch(
     return digest, n
 
 
-def hash_file(path: Path) -> tuple[str, int]:
-    """(sha256, bytes) of a file, read in CHUNK pieces."""
-    digest, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            n += len(chunk)
-    return digest.hexdigest(), n
-
-
 def _place(src: Path, dst: Path) -> None:
     """Move `src` to `dst` atomically, also across filesystems (copy to a temp name there, then rename)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -1053,21 +984,7 @@ def _check_dest(dest: Path) -> None:
 def _publish(tmp_dir: Path, dest: Path) -> None:
     """Rename the finished `tmp_dir` to `dest`, replacing an earlier download's output there."""
     _check_dest(dest)
-    try:
-        os.replace(tmp_dir, dest)  # new or empty dest: one atomic rename
-        return
-    except OSError as e:
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.replace(dest, old / "d")
-    try:
-        os.replace(tmp_dir, dest)
-    except BaseException:
-        os.replace(old / "d", dest)  # put the previous output back
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp_dir, dest)
 
 
 class _Budget:

@@ -76,9 +76,11 @@ import numpy as np
 
 from lmforge.data import shards as shards_mod
 from lmforge.io import storage
+from lmforge.io.staging import fetched_dir, staged_dir
 from lmforge.config import SPLITS
-from lmforge.data.download import hash_file
+from lmforge.io.hashing import hash_file
 from lmforge.errors import LmforgeError
+from lmforge.logs import Progress
 from lmforge.data.shards import Shard
 from lmforge.data.tokenization import TOKENIZER_MANIFEST, Tokenizer, load_tokenizer
 
@@ -144,75 +146,11 @@ def best_fitting_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
-# --------------------------------------------------------------------------- local staging of outputs
-
-
-def replace_dir(src: Path, dest: Path) -> None:
-    """Move the complete directory `src` to `dest`, replacing earlier output there.
-
-    Two renames on one filesystem; the old output is kept until the new one is
-    in place and restored if the second rename fails.
-    """
-    if not dest.exists():
-        os.rename(src, dest)
-        return
-    old = dest.parent / f"{dest.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(dest, old)
-    try:
-        os.rename(src, dest)
-    except BaseException:
-        os.rename(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged(uri: str, last: str | None = None) -> Iterator[Path]:
-    """A local directory whose files become the directory `uri` when the block finishes without error.
-
-    Local: a temporary sibling renamed into place (readers never see half of
-    it). S3: a scratch directory uploaded file by file, each verified, the
-    file named `last` after all the others (its presence says the rest is there).
-    """
-    local = storage.local_path(uri)
-    if local is not None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
-        try:
-            yield tmp
-            replace_dir(tmp, local)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return
-    with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as tmp:
-        yield Path(tmp)
-        names = sorted(p.name for p in Path(tmp).iterdir())
-        for name in sorted(names, key=lambda n: n == last):
-            storage.put_file(Path(tmp) / name, storage.join(uri, name))
-
-
-@contextlib.contextmanager
-def fetched(uri: str, names: Sequence[str]) -> Iterator[Path]:
-    """A local directory holding `names` from the directory `uri` (itself when local, else a verified copy)."""
-    local = storage.local_path(uri)
-    if local is not None:
-        yield local
-        return
-    with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as tmp:
-        for name in names:
-            storage.get_file(storage.join(uri, name), Path(tmp) / name)
-        yield Path(tmp)
-
-
 def fetched_tokenizer(uri: str) -> contextlib.AbstractContextManager[Path]:
-    """The tokenizer directory `uri`, locally (manifest and model file)."""
-    local = storage.local_path(uri)
-    if local is not None:
-        return contextlib.nullcontext(local)
-    names = [n for n in storage.list_files(uri) if "/" not in n]
-    return fetched(uri, names)
+    """The tokenizer directory `uri`, locally (manifest and model file, no subdirectories)."""
+    if storage.local_path(uri) is not None:
+        return fetched_dir(uri)
+    return fetched_dir(uri, [n for n in storage.list_files(uri) if "/" not in n])
 
 
 def split_uri(corpus_dir: str, split: str) -> str:
@@ -228,7 +166,7 @@ def prepare(corpus_dir: str, work_dir: str, settings: Settings, shards: int) -> 
 
     started = time.perf_counter()
     tok_uri = storage.join(work_dir, "tokenizer")
-    with staged(tok_uri, last=TOKENIZER_MANIFEST) as tmp:
+    with staged_dir(tok_uri, last=TOKENIZER_MANIFEST) as tmp:
         if settings.tokenizer == "none":
             tokenization.save_none(tmp)
         elif settings.tokenizer_file:
@@ -240,7 +178,7 @@ def prepare(corpus_dir: str, work_dir: str, settings: Settings, shards: int) -> 
         tokenizer = load_tokenizer(tmp)
     logger.info("tokenizer %s ready in %.1f s", tokenizer, time.perf_counter() - started)
     plan = shards_mod.plan_shards({s: split_uri(corpus_dir, s) for s in SPLITS}, shards)
-    with staged(storage.join(work_dir, "plan")) as tmp:
+    with staged_dir(storage.join(work_dir, "plan")) as tmp:
         (tmp / "plan.json").write_text(json.dumps([json.loads(s.to_json()) for s in plan], indent=1) + "\n")
     return plan
 
@@ -349,7 +287,7 @@ def count_shard(corpus_dir: str, work_dir: str, shard: Shard) -> str:
     out = storage.join(work_dir, "count", shard_name(shard.index))
     with fetched_tokenizer(storage.join(work_dir, "tokenizer")) as tok_dir:
         tokenizer = load_tokenizer(tok_dir)
-        with staged(out, last="shard.json") as tmp:
+        with staged_dir(out, last="shard.json") as tmp:
             stats = {}
             for split, (start, end) in shard.ranges.items():
                 f = scan_range(split_uri(corpus_dir, split), start, end, tokenizer, tmp / f"{split}.ids")
@@ -443,7 +381,7 @@ def build_dictionary(work_dir: str, count_dirs: Sequence[str], settings: Setting
     totals: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
     splits = {s: {"sentences": 0, "tokens": 0, "unk": 0} for s in SPLITS}
     for uri in count_dirs:  # each shard read once; only per-type tables are kept
-        with fetched(uri, names) as d:
+        with fetched_dir(uri, names) as d:
             for split in SPLITS:
                 types, counts = _read_counts(d, split)
                 add_counts(totals[split], types, counts)
@@ -456,7 +394,7 @@ def build_dictionary(work_dir: str, count_dirs: Sequence[str], settings: Setting
         # fairseq's "replaced": tokens that became <unk> (a literal "<unk>" is in the index, so not counted).
         splits[split]["unk"] = sum(n for w, n in totals[split].items() if w not in index)
     out = storage.join(work_dir, "dict")
-    with staged(out, last="summary.json") as tmp:
+    with staged_dir(out, last="summary.json") as tmp:
         (tmp / "dict.txt").write_text(dictionary_text(symbols), encoding="utf-8")
         with fetched_tokenizer(storage.join(work_dir, "tokenizer")) as tok_dir:
             tokenizer = load_tokenizer(tok_dir)
@@ -514,10 +452,10 @@ def binarize_shard(work_dir: str, count_dir: str, dictionary_dir: str) -> str:
     """Map 2: the shard's ids through dict.txt into `{split}.bin` (fairseq's dtype) and `{split}.sizes` (int32)."""
     index_name = count_dir.rstrip("/").rsplit("/", 1)[-1]
     out = storage.join(work_dir, "bin", index_name)
-    with fetched(dictionary_dir, ["dict.txt"]) as d:
+    with fetched_dir(dictionary_dir, ["dict.txt"]) as d:
         index = read_dictionary(d / "dict.txt")
     dtype = best_fitting_dtype(len(index))
-    with fetched(count_dir, COUNT_FILES) as src, staged(out, last="bin.json") as tmp:
+    with fetched_dir(count_dir, COUNT_FILES) as src, staged_dir(out, last="bin.json") as tmp:
         stats = {}
         for split in SPLITS:
             table = id_table(read_types(src / f"{split}.types"), index).astype(dtype)
@@ -590,12 +528,12 @@ def merge_shards(work_dir: str, bin_dirs: Sequence[str], dictionary_dir: str, de
     """Join the shards' binarized parts in order into the data-bin `dest`; returns the summary."""
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        d = stack.enter_context(fetched(dictionary_dir, ["dict.txt", "summary.json"]))
+        d = stack.enter_context(fetched_dir(dictionary_dir, ["dict.txt", "summary.json"]))
         tok = stack.enter_context(fetched_tokenizer(storage.join(work_dir, "tokenizer")))
-        parts = [stack.enter_context(fetched(uri, BIN_FILES)) for uri in bin_dirs]
+        parts = [stack.enter_context(fetched_dir(uri, BIN_FILES)) for uri in bin_dirs]
         summary = json.loads((d / "summary.json").read_text())
         dtype = best_fitting_dtype(summary["vocab_size"])
-        with staged(dest, last="summary.json") as tmp:
+        with staged_dir(dest, last="summary.json") as tmp:
             for split in SPLITS:
                 stats = write_merged_split(tmp / split, parts, split, dtype)
                 want = summary["splits"][split]
@@ -652,11 +590,11 @@ def binarize_shard_in_place(count_dir: str, dictionary_dir: str, data_bin: str,
     `data_bin` is a local directory; `layout` this shard's entry of `part_layout`.
     Returns per split the sentences and tokens written.
     """
-    with fetched(dictionary_dir, ["dict.txt"]) as d:
+    with fetched_dir(dictionary_dir, ["dict.txt"]) as d:
         index = read_dictionary(d / "dict.txt")
     dtype = best_fitting_dtype(len(index))
     stats = {}
-    with fetched(count_dir, COUNT_FILES) as src:
+    with fetched_dir(count_dir, COUNT_FILES) as src:
         for split in SPLITS:
             first_token, first_sentence, total = layout[split]
             table = id_table(read_types(src / f"{split}.types"), index).astype(dtype)
@@ -680,7 +618,7 @@ def binarize_shard_in_place(count_dir: str, dictionary_dir: str, data_bin: str,
 
 
 def shard_stats(count_dir: str) -> dict[str, dict[str, int]]:
-    with fetched(count_dir, ["shard.json"]) as d:
+    with fetched_dir(count_dir, ["shard.json"]) as d:
         return json.loads((d / "shard.json").read_text())["splits"]
 
 
@@ -691,11 +629,11 @@ def binarize_in_place(work_dir: str, count_dirs: Sequence[str], dictionary_dir: 
     expected = [shard_stats(c) for c in count_dirs]
     layout = part_layout(expected)
     with contextlib.ExitStack() as stack:
-        d = stack.enter_context(fetched(dictionary_dir, ["dict.txt", "summary.json"]))
+        d = stack.enter_context(fetched_dir(dictionary_dir, ["dict.txt", "summary.json"]))
         tok = stack.enter_context(fetched_tokenizer(storage.join(work_dir, "tokenizer")))
         summary = json.loads((d / "summary.json").read_text())
         dtype = best_fitting_dtype(summary["vocab_size"])
-        with staged(dest, last="summary.json") as tmp:
+        with staged_dir(dest, last="summary.json") as tmp:
             for split in SPLITS:
                 want = summary["splits"][split]
                 allocate_split(tmp / split, want["tokens"], want["sentences"], dtype)
@@ -751,31 +689,6 @@ def check_inputs(corpus_dir: str, dest_dir: str, settings: Settings, *, workers:
         raise LmforgeError("; ".join(problems))
 
 
-class _Progress:
-    """A tqdm bar in a terminal, a log line per finished task elsewhere."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        from lmforge.logs import progress_enabled
-
-        self.desc, self.total, self.done = desc, total, 0
-        self.bar = None
-        if progress_enabled():  # tqdm only then: importing it costs ~15 ms of every (serial) run
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True)
-
-    def update(self, n: int, what: str) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        else:
-            logger.info("%s: %s done (%.0f%%)", self.desc, what, 100 * self.done / max(1, self.total))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _pool(workers: int) -> ProcessPoolExecutor:
     """A process pool of `workers`: forked where that is safe (a worker then starts in milliseconds,
     not the ~0.3 s of importing numpy and lmforge again), else spawned. Forking a process whose
@@ -787,7 +700,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
-def _run_all(fn: Callable[..., Any], jobs: list[tuple], pool: ProcessPoolExecutor | None, bar: _Progress,
+def _run_all(fn: Callable[..., Any], jobs: list[tuple], pool: ProcessPoolExecutor | None, bar: Progress,
              sizes: list[int], names: list[str]) -> list[Any]:
     """Run `fn(*job)` for every job, on `pool` when given; results in job order."""
     if pool is None:
@@ -847,7 +760,7 @@ def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int =
         plan = prepare(corpus_dir, work, settings, shards)
         sizes = [s.nbytes for s in plan]
         names = [f"shard {s.index + 1}/{len(plan)}" for s in plan]
-        bar = _Progress(2 * sum(sizes), "preprocess")
+        bar = Progress("preprocess", 2 * sum(sizes), logger=logger)
         stack.callback(bar.close)
         pool = stack.enter_context(_pool(min(workers, len(plan)))) if min(workers, len(plan)) > 1 else None
         counted = _run_all(count_shard, [(corpus_dir, work, s) for s in plan], pool, bar, sizes,

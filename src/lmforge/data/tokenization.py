@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.download import hash_file
+from lmforge.io.hashing import hash_file
 from lmforge.errors import LmforgeError
 
 TOKENIZER_MANIFEST = "tokenizer.json"

@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.download import _s3_transient_errors, hash_file
-from lmforge.data.download import s3_client as _make_s3_client
+from lmforge.io import s3
+from lmforge.io.hashing import hash_file
 from lmforge.errors import IntegrityError, LmforgeError
 from lmforge.io.uris import S3, Location, parse_location
 
@@ -133,7 +133,7 @@ def _s3_range(loc: Location, start: int, end: int, chunk_size: int, endpoint_url
                 position += len(chunk)
                 yield chunk
             return
-        except _s3_transient_errors() as exc:
+        except s3.transient_errors() as exc:
             failures += 1
             if failures >= _READ_ATTEMPTS:
                 raise LmforgeError(f"reading {loc.uri} failed at byte {position} after {failures} attempts: {exc}") from None
@@ -263,11 +263,11 @@ def delete(uri: str | Path, *, endpoint_url: str | None = None) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _client(endpoint_url: str | None) -> Any:
-    return _make_s3_client(endpoint_url)
+    return s3.make_client(endpoint_url)
 
 
 def s3_client(endpoint_url: str | None = None) -> Any:
-    """One boto3 client per endpoint per process (adaptive retries; see lmforge.data.download.s3_client)."""
+    """One boto3 client per endpoint per process (adaptive retries; see lmforge.io.s3.make_client)."""
     return _client(endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 

@@ -85,10 +85,10 @@ def check_inputs(data_dir: Path, checkpoint: Path, splits: list[str]) -> None:
 def evaluate(cfg: RunConfig, data_dir: str | Path, checkpoint: str | Path) -> dict[str, Any]:
     """Score the gate split and the other splits; returns the gate split's numbers at the top
     level, every split's under "splits", and the identity (with its digest)."""
-    from lmforge.io.staging import local_dir, local_file
+    from lmforge.io.staging import fetched_dir, fetched_file
 
     splits = [cfg.evaluate.split] + [s for s in cfg.evaluate.other_splits if s != cfg.evaluate.split]
-    with local_dir(data_dir) as data, local_file(checkpoint) as ckpt:
+    with fetched_dir(data_dir) as data, fetched_file(checkpoint) as ckpt:
         check_inputs(data, ckpt, splits)
         identity = evaluation_identity(cfg, data)
         results = {split: evaluate_split(cfg, data, ckpt, split) for split in splits}
