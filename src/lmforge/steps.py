@@ -341,12 +341,7 @@ def _write_eval_metrics(cfg: RunConfig, pipeline_run_id: str, result: dict) -> s
     from lmforge.models.evaluate import write_metrics
 
     uri = storage.join(run_dir(cfg, pipeline_run_id), "eval", "metrics.json")
-    if not storage.is_remote(uri):
-        write_metrics(result, Path(uri))
-        return uri
-    with tempfile.TemporaryDirectory(prefix="lmforge-eval-") as tmp:
-        write_metrics(result, Path(tmp) / "metrics.json")
-        storage.put_file(Path(tmp) / "metrics.json", uri)
+    write_metrics(result, uri)
     return uri
 
 

@@ -98,3 +98,19 @@ def test_join_and_kinds(tmp_path):
     assert storage.join(str(tmp_path), "x") == str(tmp_path / "x")
     assert storage.is_remote("s3://b/k") and not storage.is_remote(tmp_path)
     assert storage.local_path(f"file://{tmp_path}") == tmp_path and storage.local_path("s3://b/k") is None
+
+
+def test_put_text_writes_atomically_locally_and_verified_on_s3(tmp_path, moto_s3, bucket):
+    text = '{"é": 1}\n'
+    result = storage.put_text(text, tmp_path / "run" / "config.json")
+    assert result == {"size": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    assert (tmp_path / "run" / "config.json").read_text(encoding="utf-8") == text
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.json"]  # no temporary left behind
+    storage.put_text("newer\n", tmp_path / "run" / "config.json")  # a rewrite replaces the file whole
+    assert (tmp_path / "run" / "config.json").read_text() == "newer\n"
+
+    uri = f"s3://{bucket}/runs/x/config.json"
+    assert storage.put_text(text, uri, endpoint_url=moto_s3) == result
+    assert storage.read_text(uri, endpoint_url=moto_s3) == text
+    head = boto3.client("s3", endpoint_url=moto_s3).head_object(Bucket=bucket, Key="runs/x/config.json")
+    assert head["Metadata"][storage.SHA256_METADATA] == result["sha256"]

@@ -85,7 +85,7 @@ def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, hub_expec
 
     uri, client, run_id = tracking
     from lmforge import __version__
-    from lmforge.models.evaluate import file_sha256
+    from lmforge.io.hashing import file_sha256
     from lmforge.models.register import data_bin_digest
 
     result = register(tiny_lm, tracking)

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from lmforge.errors import LmforgeError
 
 # The two official homes of WikiText, in the order tried: the author's current
 # site first (it is where the dataset page now links), then the original
@@ -163,14 +162,3 @@ def check_entry(entry: CatalogEntry) -> list[str]:
         problems.append(f"{entry.name}: members must name train, valid and test, not {sorted(entry.members)}")
     return problems
 
-
-def require(name: str, catalog: Mapping[str, CatalogEntry] | None = None) -> CatalogEntry:
-    """`lookup`, raising a one-line LmforgeError (with a suggestion) for an unknown name."""
-    entry = lookup(name, catalog)
-    if entry is None:
-        hint = suggest(name, catalog)
-        known = ", ".join(sorted(catalog if catalog is not None else CATALOG))
-        raise LmforgeError(
-            f"unknown corpus {name!r}" + (f"; did you mean {hint!r}?" if hint else "") + f" (known: {known})"
-        )
-    return entry

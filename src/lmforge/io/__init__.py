@@ -1,3 +1,5 @@
-"""Moving bytes: locations (local paths, file://, s3://), storage operations on
-them, atomic publishing, hashing, HTTP and S3 transfer with resume, and staging
-between a worker's disk and storage. No step logic lives here."""
+"""Moving bytes: locations (uris), storage operations on them (storage, put_text
+included), file hashing (hashing), the S3 client and its retries (s3), HTTP and
+S3 downloads with resume (transfer), a content-addressed file cache (cache), and
+staging between a worker's disk and storage (staging). No step logic lives here;
+io imports nothing of lmforge but errors and logs."""

@@ -6,9 +6,12 @@ In: a location (local path, file:// or s3://). Out (context managers):
   path itself for local locations, else a verified temporary copy (removed on exit);
 - `staged_dir(uri, last=...)`: a local directory to write, which becomes `uri`
   only when the block ends without error (local: a sibling renamed into place;
-  S3: files uploaded and verified one by one, `last` after all the others, so
-  its presence says the rest is there);
+  S3: files, subfolders included, uploaded and verified one by one
+  (storage.put_dir), `last` after all the others, so its presence says the rest
+  is there);
 - `replace_dir(src, dest)`: the rename that publishes a finished local directory.
+
+    lmforge preprocess --corpus s3://bucket/corpus --out s3://bucket/data-bin
 
 Used by the data stages, the download stage, evaluation and registration.
 """
@@ -65,9 +68,7 @@ def staged_dir(uri: str | Path, last: str | None = None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as tmp:
         yield Path(tmp)
-        names = sorted(p.name for p in Path(tmp).iterdir())
-        for name in sorted(names, key=lambda n: n == last):
-            storage.put_file(Path(tmp) / name, storage.join(uri, name))
+        storage.put_dir(tmp, uri, last=last)
 
 
 @contextlib.contextmanager

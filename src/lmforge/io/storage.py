@@ -3,7 +3,8 @@
 In:  locations (parsed by lmforge.io.uris) and local files. Out: byte ranges,
      verified copies, listings. Every step that moves data between pods goes
      through here, so the embedded run (local disk) and the cluster (S3, MinIO in
-     a stock Kubeflow) share one code path.
+     a stock Kubeflow) share one code path. `put_text` writes a small text file
+     (a config, a manifest, metrics) the same way.
 
 Writes are atomic and verified:
 - local: copy to a temporary name in the destination directory, fsync, rename;
@@ -14,6 +15,8 @@ Writes are atomic and verified:
 
 The S3 endpoint comes from the `endpoint_url` argument, else AWS_ENDPOINT_URL
 (`use_endpoint` sets it from the config once per step).
+
+    lmforge run --config pipelines/configs/tiny.yaml --set storage.root=s3://bucket/lmforge
 """
 
 from __future__ import annotations
@@ -236,13 +239,25 @@ def put_file(src: str | Path, uri: str | Path, *, endpoint_url: str | None = Non
     return {"size": nbytes, "sha256": sha}
 
 
-def put_dir(src: str | Path, uri: str | Path, *, endpoint_url: str | None = None) -> list[str]:
-    """Copy every file under the local directory `src` to `uri`; returns their names."""
+def put_dir(src: str | Path, uri: str | Path, *, last: str | None = None, endpoint_url: str | None = None) -> list[str]:
+    """Copy every file under the local directory `src` to `uri`; returns their names.
+
+    `last` (a name relative to `src`) is copied after all the others, so that its
+    presence tells a reader the rest is there (a manifest, a summary).
+    """
     src = Path(src)
     names = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
-    for name in names:
+    for name in sorted(names, key=lambda n: n == last):
         put_file(src / name, join(uri, *name.split("/")), endpoint_url=endpoint_url)
     return names
+
+
+def put_text(text: str, uri: str | Path, *, endpoint_url: str | None = None) -> dict[str, Any]:
+    """Write `text` (UTF-8) to the file `uri`: a temporary file, then `put_file` (locally an atomic write)."""
+    with tempfile.TemporaryDirectory(prefix="lmforge-text-") as tmp:
+        local = Path(tmp) / "text"
+        local.write_text(text, encoding="utf-8")
+        return put_file(local, uri, endpoint_url=endpoint_url)
 
 
 def delete(uri: str | Path, *, endpoint_url: str | None = None) -> None:

@@ -24,25 +24,16 @@ from typing import Any
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
 from lmforge.fairseq_api.arguments import eval_lm_args
+from lmforge.io.hashing import file_sha256, files_sha256
 
 #: Numbers reported per split, as MLflow metrics and KFP Metrics `eval_<split>_<name>` (the prefix
 #: keeps them apart from training's own `valid_loss`, which is fairseq's base-2 loss per epoch).
 METRICS = ("loss", "loss_base2", "perplexity", "tokens", "tokens_per_second")
 
 
-def file_sha256(path: Path, h: Any = None) -> str:
-    digest = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def split_sha256(data_dir: Path, split: str) -> str:
     """sha256 of a binarized split: its `.idx` (sentence boundaries) then its `.bin` (token ids)."""
-    h = hashlib.sha256()
-    file_sha256(data_dir / f"{split}.idx", h)
-    return file_sha256(data_dir / f"{split}.bin", h)
+    return files_sha256([data_dir / f"{split}.idx", data_dir / f"{split}.bin"])
 
 
 def evaluation_identity(cfg: RunConfig, data_dir: str | Path) -> dict[str, Any]:
@@ -124,12 +115,11 @@ def mlflow_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {f"eval_{split}_{k}": float(v[k]) for split, v in result["splits"].items() for k in METRICS}
 
 
-def write_metrics(result: dict[str, Any], path: Path) -> None:
-    """metrics.json, atomically: written under a temporary name, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+def write_metrics(result: dict[str, Any], path: str | Path) -> None:
+    """metrics.json at a local path or a storage URI, atomically (storage.put_text)."""
+    from lmforge.io import storage
+
+    storage.put_text(json.dumps(result, indent=2, sort_keys=True) + "\n", path)
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def data_bin_digest(data_bin: Path) -> str:
     """
     import hashlib
 
-    from lmforge.models.evaluate import file_sha256
+    from lmforge.io.hashing import file_sha256
 
     lines = [
         f"{path.relative_to(data_bin).as_posix()} {file_sha256(path)}\n"
@@ -94,7 +94,7 @@ def lineage_tags(
 ) -> dict[str, str]:
     """The tags lmforge computes itself: what the model is made of and how it was evaluated."""
     from lmforge import __version__
-    from lmforge.models.evaluate import file_sha256
+    from lmforge.io.hashing import file_sha256
     from lmforge.models.promotion import TAG_CHECKPOINT, TAG_IDENTITY, TAG_IDENTITY_JSON, TAG_PERPLEXITY
 
     tags = {

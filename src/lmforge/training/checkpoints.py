@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,10 +74,7 @@ def read_manifest(uri: str) -> dict[str, Any]:
 
 
 def _write_manifest(uri: str, manifest: dict[str, Any]) -> None:
-    with tempfile.TemporaryDirectory(prefix="lmforge-manifest-") as tmp:
-        local = Path(tmp) / MANIFEST
-        local.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        storage.put_file(local, storage.join(uri, MANIFEST))
+    storage.put_text(json.dumps(manifest, indent=2, sort_keys=True), storage.join(uri, MANIFEST))
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:

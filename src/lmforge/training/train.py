@@ -124,10 +124,7 @@ def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> None:
 def write_config(cfg: RunConfig, checkpoint_uri: str) -> str:
     """The run config next to the checkpoints, where every worker reads it (and a person later)."""
     uri = storage.join(checkpoint_uri, CONFIG_FILE)
-    with tempfile.TemporaryDirectory(prefix="lmforge-config-") as tmp:
-        local = Path(tmp) / CONFIG_FILE
-        local.write_text(cfg.to_json())
-        storage.put_file(local, uri)
+    storage.put_text(cfg.to_json(), uri)
     return uri
 
 
