@@ -3,7 +3,7 @@
 Builds a ~50 MB text file by repeating the WikiText-2 sample (../shared/data),
 serves it from an HTTP server in a separate process on 127.0.0.1 (sendfile, so
 the server is not the bottleneck), then downloads it several rounds with
-  1. `lmforge.data.download.fetch` (streamed, sha256 while streaming, resumable,
+  1. `lmforge.io.transfer.fetch` (streamed, sha256 while streaming, resumable,
      temporary name, pin check, rename), and
   2. `/usr/bin/curl -s -o FILE URL`, and
   3. the same curl followed by `sha256sum FILE` (what lmforge's pin check does),
@@ -100,7 +100,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO / "src"))
-    from lmforge.data.download import fetch
+    from lmforge.io.transfer import fetch
 
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-download-") as tmp:
         tmp_path = Path(tmp)

@@ -24,6 +24,7 @@ from typing import Any
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
 from lmforge.fairseq_api.arguments import eval_lm_args
+from lmforge.io import storage
 from lmforge.io.hashing import file_sha256, files_sha256
 
 #: Numbers reported per split, as MLflow metrics and KFP Metrics `eval_<split>_<name>` (the prefix
@@ -117,8 +118,6 @@ def mlflow_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def write_metrics(result: dict[str, Any], path: str | Path) -> None:
     """metrics.json at a local path or a storage URI, atomically (storage.put_text)."""
-    from lmforge.io import storage
-
     storage.put_text(json.dumps(result, indent=2, sort_keys=True) + "\n", path)
 
 
