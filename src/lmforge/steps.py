@@ -196,7 +196,7 @@ def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> Pre
 
 # --------------------------------------------------------------------------- preprocessing as map-reduce
 # plan -> count (one task per shard) -> dictionary -> binarize (one per shard) -> merge; see
-# lmforge.data.preprocess. Each takes only the preprocess settings, the corpus and upstream outputs, all
+# lmforge.data.stages. Each takes only the preprocess settings, the corpus and upstream outputs, all
 # content-addressed, so KFP's cache hits exactly when those are unchanged. No MLflow logging here.
 
 
@@ -223,7 +223,7 @@ def _preprocess_config(preprocess_json: str) -> RunConfig:
 @step("preprocess plan")
 def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> list:
     """Tokenizer trained (or loaded) once, and the shard plan: one JSON descriptor per shard."""
-    from lmforge.data.preprocess import Settings, prepare
+    from lmforge.data.stages import Settings, prepare
 
     cfg = _preprocess_config(preprocess_json)
     work_dir = str(data_dir(cfg, "preprocess", config_mod.content_key(preprocess_json, corpus_sha256)))
@@ -235,7 +235,7 @@ def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -
 @step("tokenize+count")
 def preprocess_count(shard: str) -> str:
     """Map 1: one shard's ranges read, tokenized and counted."""
-    from lmforge.data.preprocess import count_shard
+    from lmforge.data.stages import count_shard
     from lmforge.data.shards import Shard
 
     d = json.loads(shard)
@@ -247,7 +247,7 @@ def preprocess_count(shard: str) -> str:
 @step("dictionary")
 def preprocess_dictionary(preprocess_json: str, counts: list) -> list:
     """Reduce: dict.txt from every shard's counts; the shards again, in order, for map 2."""
-    from lmforge.data.preprocess import Settings, build_dictionary
+    from lmforge.data.stages import Settings, build_dictionary
 
     cfg = _preprocess_config(preprocess_json)
     shards = _descriptors_in_order(counts)
@@ -259,7 +259,7 @@ def preprocess_dictionary(preprocess_json: str, counts: list) -> list:
 @step("binarize")
 def preprocess_binarize(shard: str) -> str:
     """Map 2: one shard's ids through the dictionary into .bin parts and sentence sizes."""
-    from lmforge.data.preprocess import binarize_shard
+    from lmforge.data.stages import binarize_shard
 
     d = json.loads(shard)
     _preprocess_config(d["preprocess_json"])
@@ -269,7 +269,7 @@ def preprocess_binarize(shard: str) -> str:
 @step("merge")
 def preprocess_merge(preprocess_json: str, corpus_sha256: str, parts: list) -> PreprocessOutputs:
     """The shards joined in order into the data-bin (dict.txt, .bin/.idx, summary.json, tokenizer)."""
-    from lmforge.data.preprocess import merge_shards
+    from lmforge.data.stages import merge_shards
 
     cfg = _preprocess_config(preprocess_json)
     shards = _descriptors_in_order(parts)

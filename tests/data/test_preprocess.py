@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.data import preprocess as pp
-from lmforge.errors import LmforgeError
-from lmforge.data.preprocess import SPLITS, finalize_dictionary, preprocess
+from lmforge.config import SPLITS
+from lmforge.data.preprocess import preprocess
 from lmforge.data.tokenization import load_tokenizer
+from lmforge.errors import LmforgeError
 
 from conftest import WIKITEXT_DIR as WIKITEXT
 FAIRSEQ_PREPROCESS = Path(sys.executable).with_name("fairseq-preprocess")
@@ -349,7 +349,7 @@ def test_large_vocabulary_dtype_matches_fairseq(option: str, big_vocab_corpus: P
     assert ds._index.dtype == dtype
 
 
-# --------------------------------------------------------------------------- workers and chunking
+# --------------------------------------------------------------------------- workers
 
 
 def test_workers_do_not_change_output(big_vocab_corpus: Path, tmp_path: Path) -> None:
@@ -359,48 +359,6 @@ def test_workers_do_not_change_output(big_vocab_corpus: Path, tmp_path: Path) ->
     assert one == two
     for name in FAIRSEQ_FILES + ("summary.json", "tokenizer.json"):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
-
-
-def test_shard_tasks_stream_in_flat_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Counting and binarizing a shard 8 times larger (same vocabulary) peaks at about the same memory:
-    only per-type tables grow with the corpus, text and ids are streamed in blocks."""
-    import tracemalloc
-
-    from lmforge.data.shards import Shard
-
-    monkeypatch.setattr(pp.shards_mod, "BLOCK_BYTES", 16 << 10)
-    monkeypatch.setattr(pp, "WHITESPACE_BLOCK_BYTES", 16 << 10)
-    monkeypatch.setattr(pp, "ID_CHUNK", 4 << 10)
-    line = " ".join(f"w{i % 500}" for i in range(40)) + "\n"
-    peaks = []
-    for copies in (500, 4000):  # ~100 KB and ~800 KB of text
-        corpus = write_corpus(tmp_path / f"c{copies}", line * copies, line, line)
-        work = str(tmp_path / f"work{copies}")
-        settings = pp.Settings()
-        [shard] = pp.prepare(str(corpus), work, settings, 1)
-        tracemalloc.start()
-        count = pp.count_shard(str(corpus), work, Shard(0, shard.ranges))
-        dictionary = pp.build_dictionary(work, [count], settings)
-        pp.binarize_shard(work, count, dictionary)
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-    assert peaks[1] < 1.5 * peaks[0], f"peak memory grew from {peaks[0]} to {peaks[1]} bytes with 8x the text"
-
-
-def test_finalize_dictionary_is_fairseqs(tmp_path: Path) -> None:
-    """Random counts with ties, literal specials and a madeupword, against fairseq's Dictionary itself."""
-    from fairseq.data import Dictionary
-
-    rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(300)] + ["<unk>", "</s>", "<pad>", "madeupword0001", "madeupword0000"]
-    counts = {w: int(c) for w, c in zip(words, rng.integers(1, 6, size=len(words)))}
-    for threshold, nwords, padding in [(0, -1, 8), (3, -1, 8), (0, 100, 8), (2, 57, 1), (0, 3, 8), (6, -1, 16)]:
-        d = Dictionary()
-        for w, c in sorted(counts.items()):
-            d.add_symbol(w, c)
-        d.finalize(threshold=threshold, nwords=nwords, padding_factor=padding)
-        expected = list(zip(d.symbols[d.nspecial:], d.count[d.nspecial:]))
-        assert finalize_dictionary(counts, threshold=threshold, nwords=nwords, padding_factor=padding) == expected
 
 
 # --------------------------------------------------------------------------- dictionary and summary

@@ -6,8 +6,9 @@ Out: N + 1 byte offsets, cut exactly where fairseq's `find_offsets`
      blocks, read with a local seek or ranged S3 GETs only (never the whole
      object), decoded with the line semantics fairseq's text-mode reading has.
 
-Used by `lmforge.data.preprocess` (the shard plan before each fan-out, the map tasks'
-reads); `lmforge preprocess --shards N ...` runs it on one machine.
+Used by the preprocessing stages (lmforge.data.stages: the shard plan before each
+fan-out, the map tasks' reads), which the pipeline's preprocess tasks and
+`lmforge preprocess --shards N ...` on one machine run.
 
 How fairseq cuts: offset i (0 < i < N) is where text-mode `readline` stops
 after seeking to `size // N * i`, stepping back to the start of a UTF-8
