@@ -14,7 +14,8 @@ In: environment mappings (never `os.environ` itself: the callers pass it). Out: 
 - `local_process_env`: the variables a node's launcher gives each of its processes (torchrun's,
   consistent with the operator's), used by the worker of an operator pod with nprocPerNode > 1;
 - `operator_env` and `without_launcher_variables`: what a local emulation of a PyTorchJob gives
-  each replica, and the environment cleared of what a parent launcher left.
+  each replica, and the environment cleared of what a parent launcher left;
+- `OPERATOR_PORT_NAME`/`OPERATOR_PORT`: the rendezvous port a PyTorchJob's container declares.
 
 Pure functions; the worker (`lmforge worker`) and both launchers use them, e.g.
 `lmforge train --config tiny.yaml --set train.nnodes=2 --set train.nproc=1 --data-bin DIR --checkpoints DIR`
@@ -38,6 +39,8 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 #: What the Training Operator (kubeflow.org/v1 PyTorchJob) sets in each replica's container.
 OPERATOR_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PET_NNODES", "PET_NPROC_PER_NODE",
                       "PET_NODE_RANK")
+#: The container port the operator takes MASTER_PORT from (by this name), and its default number.
+OPERATOR_PORT_NAME, OPERATOR_PORT = "pytorchjob-port", 23456
 
 
 def backend(cuda: bool) -> str:
