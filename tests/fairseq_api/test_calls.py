@@ -22,7 +22,8 @@ def split_tokens(data_bin, split):
 
 
 def test_architectures_and_criteria_are_fairseqs_registries():
-    assert {"transformer_lm", "transformer_lm_gpt2_small", "transformer_lm_wiki103", "lstm_lm"} <= fairseq_api.architectures()
+    known = {"transformer_lm", "transformer_lm_gpt2_small", "transformer_lm_wiki103", "lstm_lm"}
+    assert known <= fairseq_api.architectures()
     assert {"cross_entropy", "adaptive_loss", "label_smoothed_cross_entropy"} <= fairseq_api.criteria()
     assert "no_such_arch" not in fairseq_api.architectures()
 

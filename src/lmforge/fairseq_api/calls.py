@@ -36,7 +36,8 @@ def _parse(parser_factory: Callable[[], Any], argv: list[str]) -> Any:
         with contextlib.redirect_stderr(printed):  # argparse prints ~200 lines of usage before its reason
             args = options.parse_args_and_arch(parser, input_args=argv)
     except SystemExit as exc:
-        raise LmforgeError(f"fairseq rejected the arguments: {_argparse_reason(printed.getvalue(), exc.code)}") from None
+        reason = _argparse_reason(printed.getvalue(), exc.code)
+        raise LmforgeError(f"fairseq rejected the arguments: {reason}") from None
     return convert_namespace_to_omegaconf(args)
 
 

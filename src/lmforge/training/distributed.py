@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 #: What torchrun (torch.distributed.run) sets in each process it starts.
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                      "MASTER_PORT")
 #: What the Training Operator (kubeflow.org/v1 PyTorchJob) sets in each replica's container.
 OPERATOR_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PET_NNODES", "PET_NPROC_PER_NODE",
                       "PET_NODE_RANK")
@@ -104,7 +105,8 @@ def read_environment(environ: Mapping[str, str], *, gpus: int = 0) -> Environmen
     if world_size < 1:
         raise LmforgeError(f"WORLD_SIZE={world_size} must be >= 1")
     if world_size > 1 and not (environ.get("MASTER_ADDR") and environ.get("MASTER_PORT")):
-        raise LmforgeError("WORLD_SIZE > 1 needs MASTER_ADDR and MASTER_PORT; start workers with torchrun or a PyTorchJob")
+        raise LmforgeError(
+            "WORLD_SIZE > 1 needs MASTER_ADDR and MASTER_PORT; start workers with torchrun or a PyTorchJob")
     if all(_integer(environ, name) is None for name in ("PET_NPROC_PER_NODE", "PET_NNODES", "PET_NODE_RANK")):
         env = _torchrun_environment(environ, world_size)
     else:
