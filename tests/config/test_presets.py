@@ -9,7 +9,8 @@ from conftest import TINY_CONFIG
 from lmforge import config, fairseq_api
 from lmforge.config import presets
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.fairseq_api.arguments import Placement, train_args
+from lmforge.fairseq_api.arguments import train_args
+from lmforge.training.distributed import Placement
 
 
 def preset_config(name, **sections):

@@ -1,7 +1,8 @@
 from pathlib import Path
 
 from lmforge import config
-from lmforge.fairseq_api.arguments import Placement, eval_lm_args, option_args, train_args
+from lmforge.fairseq_api.arguments import eval_lm_args, option_args, train_args
+from lmforge.training.distributed import Placement
 
 from conftest import TINY_CONFIG as TINY
 

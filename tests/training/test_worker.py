@@ -1,12 +1,11 @@
-"""The training worker: the distributed environment it accepts, the node's processes it starts in
-an operator pod, its exit codes, and what it does when killed: real fairseq on CPU in real
-processes (SIGKILL and SIGTERM are sent to them)."""
+"""The training worker: its exit codes, its arguments, and what it does when killed: real fairseq
+on CPU in real processes (SIGKILL and SIGTERM are sent to them). The distributed variables it
+reads are tested in test_distributed.py, the node agent it uses in an operator pod in
+launchers/test_local.py."""
 
 import argparse
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -19,74 +18,11 @@ from lmforge.training.worker import (
     EXIT_TERMINATED,
     EXIT_TRANSIENT,
     TransientError,
-    combine_exit_codes,
-    exit_code_for,
     add_arguments,
-    local_process_env,
-    placement_from_env,
-    read_environment,
+    exit_code_for,
     run_from_args,
-    run_local_processes,
+    worker_args,
 )
-
-MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-
-
-def operator(nnodes, nproc, index):
-    """What the Training Operator sets in pod `index` (see lmforge.training.launchers.local.operator_env)."""
-    return {**MASTER, "WORLD_SIZE": str(nnodes * nproc), "RANK": str(index), "PET_NNODES": str(nnodes),
-            "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": str(index)}
-
-
-def test_no_environment_is_a_single_process():
-    placement = placement_from_env({}, cuda=False)
-    assert (placement.world_size, placement.rank, placement.device_id) == (1, 0, 0)
-
-
-def test_torchrun_environment():
-    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", **MASTER}
-    placement = placement_from_env(env, cuda=True)
-    assert (placement.world_size, placement.rank, placement.device_id, placement.cuda) == (4, 3, 1, True)
-
-
-def test_operator_pod_with_one_process_is_that_process():
-    env = read_environment(operator(nnodes=3, nproc=1, index=2))
-    assert (env.world_size, env.rank, env.local_rank, env.spawn_local) == (3, 2, 0, False)
-
-
-def test_operator_pod_with_several_processes_starts_them_with_consistent_ranks():
-    # WORLD_SIZE = replicas x nprocPerNode, RANK = the pod's index: not a process rank yet
-    pod = operator(nnodes=2, nproc=4, index=1)
-    env = read_environment(pod)
-    assert env.spawn_local and env.world_size == 8 and env.node_rank == 1
-    children = [read_environment(local_process_env(pod, env, i)) for i in range(4)]
-    assert [(c.rank, c.local_rank, c.spawn_local) for c in children] == [(4 + i, i, False) for i in range(4)]
-    assert children[3].placement(cuda=True).device_id == 3  # fairseq --device-id from LOCAL_RANK
-
-
-@pytest.mark.parametrize(
-    "env, message",
-    [
-        ({"WORLD_SIZE": "2", "RANK": "2", **MASTER}, "outside WORLD_SIZE"),
-        ({"WORLD_SIZE": "two"}, "not an integer"),
-        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR"),
-        ({"WORLD_SIZE": "0"}, ">= 1"),
-        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "1", **MASTER}, "LOCAL_RANK"),
-        ({**operator(2, 2, 1), "WORLD_SIZE": "2"}, "PET_NNODES x PET_NPROC_PER_NODE"),
-        ({**operator(2, 1, 1), "RANK": "0"}, "differs from PET_NODE_RANK"),
-        ({**operator(2, 1, 0), "PET_NODE_RANK": "2", "RANK": "2"}, "outside PET_NNODES"),
-        ({**operator(2, 2, 1), "RANK": "1", "LOCAL_RANK": "1"}, "do not match"),
-        ({**MASTER, "WORLD_SIZE": "2", "PET_NNODES": "2"}, "set together"),
-    ],
-)
-def test_inconsistent_environment_is_refused(env, message):
-    with pytest.raises(LmforgeError, match=message):
-        read_environment(env)
-
-
-def test_more_processes_than_gpus_is_refused():
-    with pytest.raises(LmforgeError, match="GPU"):
-        read_environment(operator(nnodes=1, nproc=4, index=0), gpus=2)
 
 
 def test_exit_codes_tell_the_restart_policy_what_to_retry():
@@ -97,39 +33,17 @@ def test_exit_codes_tell_the_restart_policy_what_to_retry():
     assert exit_code_for(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer")) == EXIT_TRANSIENT
     assert exit_code_for(RuntimeError("CUDA out of memory. Tried to allocate")) == 1
     assert exit_code_for(ValueError("a bug")) == 1
-    # a permanent failure wins over its peers' transient ones; a signal counts as transient
-    assert combine_exit_codes([0, 1, EXIT_TRANSIENT]) == 1
-    assert combine_exit_codes([0, -9, EXIT_TRANSIENT]) == 137
-    assert combine_exit_codes([0, 0]) == 0
 
 
-CHILD = """
-import os, signal, sys, time
-rank = int(os.environ["RANK"])
-with open(os.path.join(os.environ["OUT"], f"rank-{rank}"), "w") as f:
-    f.write(f"local {os.environ['LOCAL_RANK']} world {os.environ['WORLD_SIZE']}")
-mode = os.environ["MODE"]
-if mode == "fail" and rank == 5:
-    sys.exit(2)
-if mode in ("fail", "term"):
-    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
-    time.sleep(60)
-"""
-
-
-def test_pod_processes_get_their_ranks_and_statuses_combine(tmp_path):
-    """The node agent with trivial child processes (no training): ranks, and a failing child stopping its peers."""
-    pod = operator(nnodes=2, nproc=3, index=1)
-    env = read_environment(pod)
-    envs = [{**local_process_env(os.environ, env, i), "MODE": "ok", "OUT": str(tmp_path)} for i in range(3)]
-    assert run_local_processes([sys.executable, "-c", CHILD], envs) == 0
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
-        "rank-3": "local 0 world 6", "rank-4": "local 1 world 6", "rank-5": "local 2 world 6",
-    }
-    started = time.monotonic()
-    envs = [{**e, "MODE": "fail"} for e in envs]
-    assert run_local_processes([sys.executable, "-c", CHILD], envs, grace_s=20) == 2, "the config error, not 143"
-    assert time.monotonic() - started < 20, "the surviving processes were stopped, not waited for"
+def test_worker_args_round_trip_through_its_parser():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = worker_args("c.json", "data", "s3://b/ckpt", mlflow_run_id="r1", cache_dir="/cache")
+    assert args == ["--config", "c.json", "--data", "data", "--save-dir", "s3://b/ckpt", "--mlflow-run-id", "r1",
+                    "--cache-dir", "/cache"]
+    parsed = parser.parse_args(args)
+    assert (parsed.config, parsed.data, parsed.save_dir, parsed.tracking_uri, parsed.mlflow_run_id, parsed.cache_dir) \
+        == ("c.json", "data", "s3://b/ckpt", "", "r1", "/cache")
 
 
 def test_config_error_exits_1_in_one_line(tmp_path, capsys):

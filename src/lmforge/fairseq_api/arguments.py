@@ -1,27 +1,23 @@
 """Pure functions that turn a run config into fairseq command lines.
 
-In: a `RunConfig`, paths and the distributed placement of one process.
+In: a `RunConfig`, paths and the distributed placement of one process (a
+`Placement` of `lmforge.training.distributed`, re-exported here).
 Out: argument lists for fairseq-train and fairseq-eval-lm (without the program
 name), fed to `lmforge.fairseq_api` in-process or to the CLIs by hand
 (`bench/e2e.py` does the latter with these very lists).
+
+    python -c "from lmforge import config; from lmforge.fairseq_api.arguments import train_args; \
+print(train_args(config.default_config(), 'data-bin', 'checkpoints'))"
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from lmforge.config import RunConfig
+from lmforge.training.distributed import Placement
 
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one training process sits in the job."""
-
-    world_size: int = 1
-    rank: int = 0
-    device_id: int = 0  # fairseq ignores LOCAL_RANK, so the worker passes it here
-    cuda: bool = False
+__all__ = ["PRECISION_FLAGS", "Placement", "eval_lm_args", "option_args", "train_args"]
 
 
 def option_args(options: dict[str, Any]) -> list[str]:
@@ -105,7 +101,7 @@ def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placemen
             "--distributed-rank", str(placement.rank),
             "--distributed-init-method", "env://",
             "--distributed-no-spawn",
-            "--distributed-backend", "nccl" if placement.cuda else "gloo",
+            "--distributed-backend", placement.backend,
         ]
     if "ddp_backend" not in t.extra_args and (m.criterion == "adaptive_loss" or
                                               (placement.world_size > 1 and not placement.cuda)):

@@ -1,13 +1,19 @@
 """The one place lmforge calls fairseq's training and evaluation entry points in-process.
 
-In: argument lists built by `lmforge.fairseq_api.arguments`. Out: fairseq's own results
-(training writes checkpoints; eval-lm returns loss and perplexity). fairseq is
-imported inside each function: importing it costs ~5 s and is only needed here.
+In: argument lists built by `lmforge.fairseq_api.arguments`. Out: fairseq's own results:
+`train` writes checkpoints (with a hook after each save and a stop check after each update),
+`eval_lm` returns loss, perplexity and tokens, `dry_run` one epoch's batching and one real
+batch, `check_train_args` refuses what fairseq-train's parser refuses (a one-line
+LmforgeError naming the option), `architectures`/`criteria` list fairseq's registries.
+fairseq is imported inside each function: importing it costs ~5 s and is only needed here.
+
+    lmforge worker ...  (train), lmforge evaluate ...  (eval_lm), lmforge train --dry-run ...  (dry_run)
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 import time
@@ -20,15 +26,29 @@ log = logging.getLogger(__name__)
 
 
 def _parse(parser_factory: Callable[[], Any], argv: list[str]) -> Any:
+    """fairseq's config for `argv`; argparse's complaint (its last stderr line) becomes a one-line LmforgeError."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = parser_factory()
+    printed = io.StringIO()
     try:
-        args = options.parse_args_and_arch(parser, input_args=argv)
-    except SystemExit as exc:  # argparse already printed what was wrong
-        raise LmforgeError(f"fairseq rejected the arguments (exit {exc.code}); see the message above") from None
+        with contextlib.redirect_stderr(printed):  # argparse prints ~200 lines of usage before its reason
+            args = options.parse_args_and_arch(parser, input_args=argv)
+    except SystemExit as exc:
+        reason = _argparse_reason(printed.getvalue(), exc.code)
+        raise LmforgeError(f"fairseq rejected the arguments: {reason}") from None
     return convert_namespace_to_omegaconf(args)
+
+
+def _argparse_reason(stderr: str, code: Any) -> str:
+    """'argument --lr: invalid float value' from argparse's 'prog: error: ...' line, the list of
+    valid choices left out (fairseq's --arch lists over 200)."""
+    for line in reversed(stderr.splitlines()):
+        _, found, reason = line.partition(": error: ")
+        if found:
+            return reason.split(" (choose from ")[0]
+    return f"exit {code}"
 
 
 def architectures() -> set[str]:
@@ -56,7 +76,7 @@ def train(
     on_checkpoint: Callable[[Any], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
 ) -> None:
-    """fairseq-train in this process; the distributed placement is in argv (see fairseq_args).
+    """fairseq-train in this process; the distributed placement is in argv (see `arguments.train_args`).
 
     `on_checkpoint(SaveEvent)` runs on the process that wrote checkpoints, right after each save
     is complete on disk. `stop_requested()` is asked after every update, on every process (it

@@ -22,25 +22,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lmforge.training import checkpoints
-from lmforge.io import storage
 from lmforge import config as config_mod
+from lmforge import fairseq_api
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
+from lmforge.fairseq_api.arguments import train_args
+from lmforge.io import storage
+from lmforge.training import checkpoints
+from lmforge.training.distributed import Placement
+from lmforge.training.worker import cache_root, stage_data, worker_args
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "run-config.json"
 SPECIAL_SYMBOLS = 4  # <s>, <pad>, </s>, <unk>: in fairseq's Dictionary, not in dict.txt
-
-
-def worker_args(config_uri: str, data_bin: str, checkpoint_uri: str, tracking_uri: str, mlflow_run_id: str) -> list[str]:
-    args = ["--config", config_uri, "--data", data_bin, "--save-dir", checkpoint_uri]
-    if tracking_uri:
-        args += ["--tracking-uri", tracking_uri]
-    if mlflow_run_id:
-        args += ["--mlflow-run-id", mlflow_run_id]
-    return args
 
 
 def _absolute(location: str | Path) -> str:
@@ -110,9 +105,6 @@ def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> None:
     problems += environment_problems(cfg, data_bin, checkpoint_uri)
     if problems:
         raise LmforgeError("cannot train: " + "; ".join(problems))
-    from lmforge import fairseq_api
-    from lmforge.fairseq_api.arguments import Placement, train_args
-
     # fairseq's own parser on the options as a worker will pass them (extra_args included)
     placement = Placement(world_size=config_mod.world_size(cfg), cuda=cfg.train.precision != "fp32")
     fairseq_api.check_train_args(train_args(cfg, data_bin, checkpoint_uri, placement))
@@ -129,8 +121,6 @@ def write_config(cfg: RunConfig, checkpoint_uri: str) -> str:
 
 
 def cache_dir(cfg: RunConfig) -> Path:
-    from lmforge.training.worker import cache_root
-
     return cache_root(cfg.train.cache_dir)
 
 
@@ -152,23 +142,19 @@ def train(
         if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
             # a file on this pod's disk: the training pods log to MLFLOW_TRACKING_URI of cluster.mlflow_secret
             tracking_uri = ""
-        args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri, mlflow_run_id)
+        args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
         run = pipeline_run_id or checkpoint_uri
         pytorchjob.launch(cfg, args, job_name=pytorchjob.job_name(run), run=run)
     else:
         from lmforge.training.launchers import local
 
-        args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri, mlflow_run_id)
+        args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
         local.launch(cfg, args, cache_dir=cache_dir(cfg))
     return checkpoints.summary(checkpoint_uri)
 
 
 def dry_run(cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path) -> dict[str, Any]:
     """Preflight, then fairseq's batching of one epoch and one forward/backward pass here; nothing is saved."""
-    from lmforge import fairseq_api
-    from lmforge.fairseq_api.arguments import Placement, train_args
-    from lmforge.training.worker import stage_data
-
     cfg = config_mod.resolve_launcher(cfg, os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
     preflight(cfg, data_bin, checkpoint_uri)

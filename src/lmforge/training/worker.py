@@ -11,7 +11,10 @@ a restart policy what to do:
     138      a transient failure (storage or network hiccup, a peer that went away): retry
     143      stopped by SIGTERM after saving and uploading a checkpoint: retry resumes there
 
-The PyTorchJob's `restartPolicy: ExitCode` restarts exactly the codes >= 128.
+The PyTorchJob's `restartPolicy: ExitCode` restarts exactly the codes >= 128. What the
+distributed variables mean is `lmforge.training.distributed`'s; in an operator pod with
+nprocPerNode > 1 this worker first starts the node's processes (the local launcher's
+`run_local_processes`), each one a worker again.
 
     torchrun --nproc-per-node 2 -m lmforge.worker --config run.json --data DIR --save-dir URI
     lmforge worker --config s3://.../run-config.json --data s3://.../data-bin --save-dir s3://.../checkpoints
@@ -25,17 +28,14 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge import config as config_mod
 from lmforge.errors import LmforgeError
-from lmforge.fairseq_api.arguments import Placement, train_args
+from lmforge.fairseq_api.arguments import train_args
+from lmforge.training.distributed import local_process_env, read_environment
 
 log = logging.getLogger(__name__)
 
@@ -55,135 +55,7 @@ class Terminated(BaseException):
     `except Exception` on the way swallows it."""
 
 
-# ------------------------------------------------------------------ the distributed environment
-
-
-@dataclass(frozen=True)
-class Environment:
-    """This process's place in the job, from torchrun's or the PyTorchJob operator's variables."""
-
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    nproc_per_node: int = 1
-    node_rank: int = 0
-    nnodes: int = 1
-    spawn_local: bool = False  # an operator pod with nprocPerNode > 1: start the node's processes first
-
-    def placement(self, *, cuda: bool) -> Placement:
-        return Placement(world_size=self.world_size, rank=self.rank, device_id=self.local_rank, cuda=cuda)
-
-
-def read_environment(environ: Mapping[str, str], *, gpus: int = 0) -> Environment:
-    """Parse and cross-check the distributed variables; an inconsistent set is refused (exit 1).
-
-    Three shapes are accepted:
-    - none of them: a single process;
-    - torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), which is
-      also what this worker gives the processes it starts in an operator pod;
-    - the operator's (MASTER_ADDR/PORT, WORLD_SIZE = replicas x nprocPerNode, RANK = the pod's
-      index, PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK), without LOCAL_RANK.
-    A worker started with a wrong rank would hang its peers at the rendezvous, so every
-    relation between the variables is checked before anything else happens.
-    """
-
-    def integer(name: str, default: int | None) -> int | None:
-        raw = environ.get(name)
-        if raw is None or raw == "":
-            return default
-        try:
-            return int(raw)
-        except ValueError:
-            raise LmforgeError(f"environment variable {name}={raw!r} is not an integer") from None
-
-    world_size = integer("WORLD_SIZE", 1)
-    rank = integer("RANK", 0)
-    local_rank = integer("LOCAL_RANK", None)
-    nproc = integer("PET_NPROC_PER_NODE", None)
-    nnodes = integer("PET_NNODES", None)
-    node_rank = integer("PET_NODE_RANK", None)
-    assert world_size is not None and rank is not None
-    if world_size < 1:
-        raise LmforgeError(f"WORLD_SIZE={world_size} must be >= 1")
-    if world_size > 1 and not (environ.get("MASTER_ADDR") and environ.get("MASTER_PORT")):
-        raise LmforgeError("WORLD_SIZE > 1 needs MASTER_ADDR and MASTER_PORT; start workers with torchrun or a PyTorchJob")
-
-    if nproc is None and nnodes is None and node_rank is None:  # torchrun, or nothing at all
-        local = local_rank or 0
-        local_world = integer("LOCAL_WORLD_SIZE", None)
-        if not 0 <= rank < world_size:
-            raise LmforgeError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher's environment")
-        if local < 0 or local > rank or (local_world is not None and local >= local_world):
-            raise LmforgeError(f"LOCAL_RANK={local} is inconsistent with RANK={rank} and LOCAL_WORLD_SIZE={local_world}")
-        env = Environment(world_size=world_size, rank=rank, local_rank=local,
-                          nproc_per_node=local_world or 1, node_rank=integer("GROUP_RANK", 0) or 0,
-                          nnodes=max(world_size // (local_world or 1), 1))
-    else:
-        if nproc is None or nnodes is None:
-            raise LmforgeError("PET_NPROC_PER_NODE and PET_NNODES must be set together (PyTorchJob operator variables)")
-        node_rank = rank if node_rank is None and local_rank is None else node_rank
-        if node_rank is None:
-            raise LmforgeError("PET_NODE_RANK is not set")
-        if nproc < 1 or nnodes < 1:
-            raise LmforgeError(f"PET_NPROC_PER_NODE={nproc} and PET_NNODES={nnodes} must be >= 1")
-        if world_size != nnodes * nproc:
-            raise LmforgeError(
-                f"WORLD_SIZE={world_size} is not PET_NNODES x PET_NPROC_PER_NODE = {nnodes} x {nproc}; "
-                "check the PyTorchJob's replicas and nprocPerNode"
-            )
-        if not 0 <= node_rank < nnodes:
-            raise LmforgeError(f"PET_NODE_RANK={node_rank} is outside PET_NNODES={nnodes}")
-        if local_rank is None:  # the pod's own process, as the operator starts it
-            if rank != node_rank:
-                raise LmforgeError(f"RANK={rank} differs from PET_NODE_RANK={node_rank}: not the operator's environment")
-            env = Environment(world_size=world_size, rank=node_rank * nproc, local_rank=0, nproc_per_node=nproc,
-                              node_rank=node_rank, nnodes=nnodes, spawn_local=nproc > 1)
-        else:  # one of the processes the pod's worker started
-            if not 0 <= local_rank < nproc or rank != node_rank * nproc + local_rank:
-                raise LmforgeError(
-                    f"RANK={rank}, LOCAL_RANK={local_rank} do not match PET_NODE_RANK={node_rank} x "
-                    f"PET_NPROC_PER_NODE={nproc}"
-                )
-            env = Environment(world_size=world_size, rank=rank, local_rank=local_rank, nproc_per_node=nproc,
-                              node_rank=node_rank, nnodes=nnodes)
-    if gpus and env.local_rank >= gpus:
-        raise LmforgeError(f"LOCAL_RANK={env.local_rank} but only {gpus} GPU(s) are visible; one process per GPU")
-    if gpus and env.spawn_local and env.nproc_per_node > gpus:
-        raise LmforgeError(f"PET_NPROC_PER_NODE={env.nproc_per_node} but only {gpus} GPU(s) are visible")
-    return env
-
-
-def placement_from_env(environ: Mapping[str, str], *, cuda: bool) -> Placement:
-    """Where this process sits (see `read_environment`)."""
-    return read_environment(environ).placement(cuda=cuda)
-
-
-def local_process_env(environ: Mapping[str, str], env: Environment, local_rank: int) -> dict[str, str]:
-    """The variables of local process `local_rank` of an operator pod: torchrun's, consistent with the operator's."""
-    return {
-        **environ,
-        "RANK": str(env.node_rank * env.nproc_per_node + local_rank),
-        "LOCAL_RANK": str(local_rank),
-        "LOCAL_WORLD_SIZE": str(env.nproc_per_node),
-        "GROUP_RANK": str(env.node_rank),
-        "WORLD_SIZE": str(env.world_size),
-        "PET_NODE_RANK": str(env.node_rank),
-    }
-
-
 # ------------------------------------------------------------------ exit codes
-
-
-def combine_exit_codes(codes: Sequence[int]) -> int:
-    """One pod's status from its processes': a permanent failure wins (its peers then fail
-    transiently, e.g. 'connection closed by peer'), then a signal or transient code, else 0."""
-    permanent = [code for code in codes if 0 < code < 128]
-    if permanent:
-        return permanent[0]
-    signalled = [128 - code for code in codes if code < 0]  # -9 (killed by SIGKILL, e.g. OOM) -> 137: the cause
-    if signalled:
-        return signalled[0]
-    return max(codes, default=0)
 
 
 _TRANSIENT_MESSAGES = (
@@ -213,50 +85,6 @@ def exit_code_for(exc: BaseException) -> int:
         if any(text in str(exc).lower() for text in _TRANSIENT_MESSAGES):
             return EXIT_TRANSIENT
     return 1  # a bug: restarting would meet it again
-
-
-# ------------------------------------------------------------------ an operator pod with several processes
-
-
-def run_local_processes(command: list[str], envs: list[dict[str, str]], *, grace_s: float = 60.0) -> int:
-    """Start one process per environment and wait for all; SIGTERM/SIGINT are passed on.
-
-    What torchrun's agent does for a node, except for the exit status: torchrun reports 1 for
-    any failed worker, which a PyTorchJob's ExitCode policy treats as permanent. Here the
-    status keeps its meaning (see `combine_exit_codes`). When one process fails, the others are
-    stopped: they would otherwise wait for it in a collective until the timeout.
-    """
-    procs = [subprocess.Popen(command, env=env) for env in envs]
-    received: list[int] = []
-
-    def forward(signum: int, frame: Any) -> None:
-        received.append(signum)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        stopping_since: float | None = None
-        while None in [proc.poll() for proc in procs]:  # a list: every process polled each time
-            failed = any(proc.returncode not in (None, 0) for proc in procs)
-            if (failed or received) and stopping_since is None:
-                stopping_since = time.monotonic()
-                for proc in procs:
-                    if proc.poll() is None and not received:
-                        proc.terminate()
-            if stopping_since is not None and time.monotonic() - stopping_since > grace_s:
-                for proc in procs:
-                    if proc.poll() is None:
-                        proc.kill()
-            time.sleep(0.2)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    codes = [proc.returncode for proc in procs]
-    if received and all(code in (0, EXIT_TERMINATED, -signal.SIGTERM) for code in codes):
-        return EXIT_TERMINATED
-    return combine_exit_codes(codes)
 
 
 # ------------------------------------------------------------------ staging
@@ -353,11 +181,13 @@ def run(
     gpus = torch.cuda.device_count()
     env = read_environment(os.environ, gpus=gpus)
     if env.spawn_local:
-        command = [sys.executable, "-m", "lmforge.worker", "--config", config_uri, "--data", data_uri,
-                   "--save-dir", checkpoint_uri, "--tracking-uri", tracking_uri, "--mlflow-run-id", mlflow_run_id,
-                   "--cache-dir", cache_dir]
+        from lmforge.training.launchers import local
+
+        command = local.worker_command(worker_args(config_uri, data_uri, checkpoint_uri, tracking_uri=tracking_uri,
+                                                   mlflow_run_id=mlflow_run_id, cache_dir=cache_dir))
         log.info("node %d: starting %d training processes", env.node_rank, env.nproc_per_node)
-        return run_local_processes(command, [local_process_env(os.environ, env, i) for i in range(env.nproc_per_node)])
+        return local.run_local_processes(
+            command, [local_process_env(os.environ, env, i) for i in range(env.nproc_per_node)])
 
     from lmforge.training import checkpoints
     from lmforge import fairseq_api
@@ -416,6 +246,16 @@ def run(
 
         shutil.rmtree(work_dir, ignore_errors=True)
     return 0
+
+
+def worker_args(config_uri: str, data_uri: str, checkpoint_uri: str, *, tracking_uri: str = "",
+                mlflow_run_id: str = "", cache_dir: str = "") -> list[str]:
+    """The worker's command-line arguments (see `add_arguments`); empty options are left out."""
+    args = ["--config", config_uri, "--data", data_uri, "--save-dir", checkpoint_uri]
+    for flag, value in (("--tracking-uri", tracking_uri), ("--mlflow-run-id", mlflow_run_id), ("--cache-dir", cache_dir)):
+        if value:
+            args += [flag, value]
+    return args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

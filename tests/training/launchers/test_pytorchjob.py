@@ -27,6 +27,13 @@ import pytest
 from conftest import REPO, TINY_CONFIG
 from lmforge import config
 from lmforge.errors import LmforgeError
+from lmforge.training.distributed import (
+    OPERATOR_PORT,
+    OPERATOR_PORT_NAME,
+    local_process_env,
+    operator_env,
+    read_environment,
+)
 from lmforge.training.launchers import pytorchjob
 
 ARGS = ["--config", "s3://b/run/checkpoints/run-config.json", "--data", "s3://b/data-bin", "--save-dir",
@@ -88,6 +95,26 @@ def test_rendered_job_passes_admission_and_its_pod_templates_validate(case):
         assert claims == ([cfg.cluster.pvc_name] if cfg.cluster.pvc_name else [])
         if claims:
             assert {"name": "shared", "mountPath": cfg.cluster.pvc_mount_path} in container["volumeMounts"]
+
+
+def test_the_operators_variables_for_the_rendered_job_give_every_process_one_rank():
+    """The manifest (replicas, nprocPerNode, the rendezvous port) as the operator turns it into each
+    pod's variables, read by the worker: every process of 3 pods x 2 gets its own rank."""
+    job = pytorchjob.render(job_config("train.nnodes=3", "train.nproc=2"), ARGS, "lmforge-x")
+    spec = job["spec"]
+    nnodes = sum(replica["replicas"] for replica in spec["pytorchReplicaSpecs"].values())
+    nproc = int(spec["nprocPerNode"])
+    (port,) = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["ports"]
+    assert (port["name"], port["containerPort"]) == (OPERATOR_PORT_NAME, OPERATOR_PORT)
+    ranks = []
+    for pod in range(nnodes):  # the Master is pod 0, Worker i pod i + 1
+        pod_env = operator_env(nnodes, nproc, pod, port["containerPort"], master_addr="lmforge-x-master-0")
+        node = read_environment(pod_env)
+        assert node.spawn_local and node.world_size == 6
+        for i in range(nproc):
+            process = read_environment(local_process_env(pod_env, node, i))
+            ranks.append((process.rank, process.placement(cuda=True).device_id))
+    assert ranks == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0), (5, 1)]
 
 
 def test_admission_rules_reject_what_the_operator_rejects():

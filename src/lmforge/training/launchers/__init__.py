@@ -1,1 +1,4 @@
-"""How training processes are started: every launcher runs `lmforge.worker` with the same contract."""
+"""How training processes are started: every launcher runs `lmforge.worker` with the same
+contract (`lmforge.training.distributed`). In: the run config and the worker's arguments; out:
+training run to its end, or an LmforgeError saying why not. `local` starts the processes on this
+machine, `pytorchjob` on a Kubeflow cluster; `lmforge train` picks one by `train.launcher`."""

@@ -1,4 +1,4 @@
-"""Local launcher: the training workers as processes of this machine.
+"""Local launcher: training processes on this machine.
 
 In: the run config and the worker's arguments. Out: the workers' exit status (an error
 naming it when training failed); checkpoints land at the checkpoint location the arguments
@@ -7,9 +7,12 @@ name. Two shapes:
 - nnodes = 1: torchrun with `nproc` processes (CPU processes talk over gloo, GPU processes
   over NCCL; the worker decides from what it sees);
 - nnodes > 1: an emulated PyTorchJob. One `lmforge worker` per node, each given exactly the
-  variables the Training Operator injects into a replica (pod index as RANK, WORLD_SIZE =
-  replicas x nprocPerNode, PET_*), and its own cache directory as its "node disk", so the
-  multi-node contract runs on one machine.
+  variables the Training Operator injects into a replica (`distributed.operator_env`: pod index
+  as RANK, WORLD_SIZE = replicas x nprocPerNode, PET_*), and its own cache directory as its
+  "node disk", so the multi-node contract runs on one machine.
+
+`run_local_processes` is the node agent both shapes and the worker of an operator pod with
+nprocPerNode > 1 use: start the processes, pass signals on, combine their exit statuses.
 
     lmforge train --config tiny.yaml --set train.nnodes=2 --set train.nproc=1 --data-bin DIR --checkpoints DIR
 """
@@ -18,13 +21,19 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
+from lmforge.training.distributed import operator_env, without_launcher_variables
+from lmforge.training.worker import CACHE_ENV, EXIT_TERMINATED
 
 log = logging.getLogger(__name__)
 
@@ -44,39 +53,16 @@ def worker_command(worker_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "lmforge.worker", *worker_args]
 
 
-def operator_env(nnodes: int, nproc: int, node_rank: int, master_port: int) -> dict[str, str]:
-    """The variables the Training Operator (kubeflow.org/v1 PyTorchJob) sets in replica `node_rank`:
-    the Master is pod 0, Worker i is pod i + 1; MASTER_ADDR is the Master's service (here this host)."""
-    return {
-        "PYTHONUNBUFFERED": "0",  # the operator sets "0", which Python reads as "unbuffered" too
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(master_port),
-        "WORLD_SIZE": str(nnodes * nproc),
-        "RANK": str(node_rank),
-        "PET_NPROC_PER_NODE": str(nproc),
-        "PET_NODE_RANK": str(node_rank),
-        "PET_NNODES": str(nnodes),
-    }
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _clean_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without distributed variables a parent launcher may have left."""
-    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    return {k: v for k, v in environ.items() if k not in drop and not k.startswith(("PET_", "TORCHELASTIC_"))}
-
-
 def launch(cfg: RunConfig, worker_args: list[str], *, cache_dir: Path) -> None:
     """Run the workers to completion; raise LmforgeError with their status when they fail."""
-    from lmforge.training.worker import CACHE_ENV, run_local_processes
-
     t = cfg.train
-    base = _clean_environ(os.environ)
+    base = without_launcher_variables(os.environ)
     if t.nnodes == 1:
         command = torchrun_command(t.nproc, worker_args)
         envs = [{**base, CACHE_ENV: str(cache_dir)}]
@@ -93,3 +79,59 @@ def launch(cfg: RunConfig, worker_args: list[str], *, cache_dir: Path) -> None:
     status = run_local_processes(command, envs)
     if status != 0:
         raise LmforgeError(f"training failed: {what} exited with status {status} (the worker log above says why)")
+
+
+# ------------------------------------------------------------------ the node agent
+
+
+def combine_exit_codes(codes: Sequence[int]) -> int:
+    """One pod's status from its processes': a permanent failure wins (its peers then fail
+    transiently, e.g. 'connection closed by peer'), then a signal or transient code, else 0."""
+    permanent = [code for code in codes if 0 < code < 128]
+    if permanent:
+        return permanent[0]
+    signalled = [128 - code for code in codes if code < 0]  # -9 (killed by SIGKILL, e.g. OOM) -> 137: the cause
+    if signalled:
+        return signalled[0]
+    return max(codes, default=0)
+
+
+def run_local_processes(command: list[str], envs: list[dict[str, str]], *, grace_s: float = 60.0) -> int:
+    """Start one process per environment and wait for all; SIGTERM/SIGINT are passed on.
+
+    What torchrun's agent does for a node, except for the exit status: torchrun reports 1 for
+    any failed worker, which a PyTorchJob's ExitCode policy treats as permanent. Here the
+    status keeps its meaning (see `combine_exit_codes`). When one process fails, the others are
+    stopped: they would otherwise wait for it in a collective until the timeout.
+    """
+    procs = [subprocess.Popen(command, env=env) for env in envs]
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stopping_since: float | None = None
+        while None in [proc.poll() for proc in procs]:  # a list: every process polled each time
+            failed = any(proc.returncode not in (None, 0) for proc in procs)
+            if (failed or received) and stopping_since is None:
+                stopping_since = time.monotonic()
+                for proc in procs:
+                    if proc.poll() is None and not received:
+                        proc.terminate()
+            if stopping_since is not None and time.monotonic() - stopping_since > grace_s:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [proc.returncode for proc in procs]
+    if received and all(code in (0, EXIT_TERMINATED, -signal.SIGTERM) for code in codes):
+        return EXIT_TERMINATED
+    return combine_exit_codes(codes)

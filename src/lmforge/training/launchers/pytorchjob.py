@@ -6,15 +6,18 @@ own failure reason. On the way:
 
 - `render` builds the manifest with kubeflow-training's and kubernetes' models: a Master and
   nnodes - 1 Workers running `lmforge worker` in a container named `pytorch`, nvidia.com/gpu and
-  nprocPerNode, /dev/shm as a memory emptyDir, node selectors and tolerations, credentials from
-  the cluster section's Secrets (envFrom), runPolicy and `restartPolicy: ExitCode` (the worker's
-  exit codes >= 128 are the retryable ones);
+  nprocPerNode (from which the operator derives each pod's variables, as
+  `lmforge.training.distributed` reads them), /dev/shm as a memory emptyDir, node selectors and
+  tolerations, credentials from the cluster section's Secrets (envFrom), runPolicy and
+  `restartPolicy: ExitCode` (the worker's exit codes >= 128 are the retryable ones);
 - `launch` creates the job, or attaches to the one an earlier attempt of the same step created
   (same name: KFP retries a failed step with the same pipeline run id), streams the Master's log
   into this step's log, waits for Succeeded or Failed with a timeout, and deletes the job when
   this step is stopped (SIGTERM) or times out.
 
 k8s/pytorchjob.yaml is `render`'s output for example inputs (a golden test keeps them equal).
+
+    lmforge train --config wikitext-2.yaml --set train.launcher=pytorchjob --data-bin s3://... --checkpoints s3://...
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from typing import Any
 
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
+from lmforge.training.distributed import OPERATOR_PORT, OPERATOR_PORT_NAME
+from lmforge.training.worker import CACHE_ENV
 
 log = logging.getLogger(__name__)
 
 CONTAINER = "pytorch"  # the operator finds the training container by this name
-PORT_NAME, PORT = "pytorchjob-port", 23456  # the operator's default rendezvous port name and number
 CACHE_MOUNT = "/tmp"
 # Time between SIGTERM and SIGKILL for a training pod: the worker saves and uploads a checkpoint in it.
 TERMINATION_GRACE_S = 300
@@ -102,12 +106,12 @@ def build(cfg: RunConfig, worker_args: list[str], name: str, *, run: str = "") -
             # The root filesystem is read-only: caches (torch, the data-bin copy, checkpoints
             # before upload) go to the scratch volume.
             k8s.V1EnvVar(name="HOME", value=CACHE_MOUNT),
-            k8s.V1EnvVar(name="LMFORGE_CACHE_DIR", value=f"{CACHE_MOUNT}/lmforge-cache"),
+            k8s.V1EnvVar(name=CACHE_ENV, value=f"{CACHE_MOUNT}/lmforge-cache"),
             k8s.V1EnvVar(name="LOGLEVEL", value="INFO"),
             k8s.V1EnvVar(name="NCCL_DEBUG", value="WARN"),
         ],
         env_from=env_from or None,
-        ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=PORT, protocol="TCP")],
+        ports=[k8s.V1ContainerPort(name=OPERATOR_PORT_NAME, container_port=OPERATOR_PORT, protocol="TCP")],
         resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
         security_context=k8s.V1SecurityContext(
             allow_privilege_escalation=False, read_only_root_filesystem=True,
