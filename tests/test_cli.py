@@ -1,5 +1,9 @@
 """The `lmforge` command as a user meets it: real processes, one-line errors, exit statuses."""
 
+import hashlib
+import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +16,16 @@ LMFORGE = [sys.executable, "-m", "lmforge.cli"]
 TINY = REPO / "pipelines" / "configs" / "tiny.yaml"
 
 
-def lmforge(*args, cwd=REPO, timeout=300):
-    return subprocess.run([*LMFORGE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def lmforge(*args, cwd=REPO, timeout=300, env=None):
+    return subprocess.run([*LMFORGE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def refused_address() -> str:
+    """http://127.0.0.1:PORT where nothing listens: a port bound, then closed, refuses connections."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 def assert_one_line_error(result, status, *needles):
@@ -73,13 +85,32 @@ def test_sha256_mismatch_stops_the_pipeline_with_nothing_registered(tmp_path):
         for split in ("train", "valid", "test"):
             zf.write(corpus / f"{split}.txt", f"{split}.txt")
     root = tmp_path / "runs"
-    result = lmforge(
-        "run", "--config", str(TINY), "--set", f"corpus.source={archive}", "--set", "corpus.members={}",
-        "--set", "corpus.sha256=" + "0" * 64, "--set", f"storage.root={root}",
-    )
+    overrides = [f"corpus.source={archive}", "corpus.members={}", f"storage.root={root}"]
+    bad = overrides + ["corpus.sha256=" + "0" * 64]
+    result = lmforge("run", "--config", str(TINY), *(arg for o in bad for arg in ("--set", o)))
     assert_one_line_error(result, 1, "sha256", "0" * 64)
     assert_nothing_registered(root)
-    assert not list(root.glob("tiny/*/corpus")), "a corpus was left behind"
+    # Corpora land at <storage.root>/data/corpus/<content key of the download stage>/, manifest.json last.
+    assert not corpus_location(bad).exists(), "a corpus was left behind"
+    assert not list(root.glob("data/corpus/*")), "a corpus was left behind"
+
+    # The same download with the right pin publishes exactly there: the place watched above is real.
+    from lmforge import config, steps
+
+    good = overrides + [f"corpus.sha256={hashlib.sha256(archive.read_bytes()).hexdigest()}"]
+    cfg = config.resolve_local_paths(config.load(TINY, good))
+    outputs = steps.download(config.stage_json(cfg, "download"))
+    assert Path(outputs.corpus_dir) == corpus_location(good)
+    assert json.loads((corpus_location(good) / "manifest.json").read_text())["sha256"] == outputs.corpus_sha256
+
+
+def corpus_location(overrides: list[str]) -> Path:
+    """Where the download step publishes the tiny config's corpus under these overrides."""
+    from lmforge import config
+
+    cfg = config.resolve_local_paths(config.load(TINY, overrides))
+    key = config.content_key(config.stage_json(cfg, "download"))
+    return Path(cfg.storage.root) / "data" / "corpus" / key
 
 
 def test_config_show_applies_overrides():
@@ -97,10 +128,15 @@ def test_config_docs_lists_every_section():
 
 
 def test_default_config_offline_names_the_unreachable_source(tmp_path):
-    """The default config downloads WikiText-2; without internet (as here and in CI) it must
-    fail in one line that says so and how to use a local corpus instead."""
-    result = lmforge("run", "--set", f"storage.root={tmp_path}", timeout=600)
-    assert_one_line_error(result, 1, "could not reach wikitext-2", "--corpus DIR")
+    """The default config downloads WikiText-2; offline it must fail in one line that says so and
+    how to use a local corpus instead. Offline made deterministic, with or without internet here:
+    every HTTP(S) connection goes through a proxy at a 127.0.0.1 port that refuses."""
+    proxy = refused_address()
+    names = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+    env = {**os.environ, **{n: proxy for n in names}, **{n.lower(): proxy for n in names},
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    result = lmforge("run", "--set", f"storage.root={tmp_path}", timeout=600, env=env)
+    assert_one_line_error(result, 1, "could not reach wikitext-2", "wikitext.smerity.com", "--corpus DIR")
     assert_nothing_registered(tmp_path)
 
 

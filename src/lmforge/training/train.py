@@ -24,7 +24,6 @@ from typing import Any
 
 from lmforge.training import checkpoints
 from lmforge.io import storage
-from lmforge import config as config_mod
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
 
@@ -61,7 +60,7 @@ def data_problems(cfg: RunConfig, data_bin: str) -> list[str]:
     for split in ("train", "valid"):
         if not {f"{split}.bin", f"{split}.idx"} <= names:
             problems.append(f"{data_bin} has no {split}.bin/{split}.idx; preprocess the {split} split")
-    cutoff = config_mod.adaptive_softmax_cutoff(cfg)
+    cutoff = cfg.model.adaptive_softmax_cutoff()
     if cutoff:
         vocab = SPECIAL_SYMBOLS + sum(1 for line in storage.read_text(storage.join(data_bin, "dict.txt")).splitlines() if line.strip())
         if cutoff[-1] > vocab:
@@ -105,7 +104,7 @@ def environment_problems(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> 
 
 def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> None:
     """Raise one error naming every problem found before launch."""
-    cfg = config_mod.resolve_launcher(cfg, os.environ)
+    cfg = cfg.resolve_launcher(os.environ)
     problems = data_problems(cfg, data_bin)
     problems += environment_problems(cfg, data_bin, checkpoint_uri)
     if problems:
@@ -114,7 +113,7 @@ def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> None:
     from lmforge.fairseq_api.arguments import Placement, train_args
 
     # fairseq's own parser on the options as a worker will pass them (extra_args included)
-    placement = Placement(world_size=config_mod.world_size(cfg), cuda=cfg.train.precision != "fp32")
+    placement = Placement(world_size=cfg.train.world_size(), cuda=cfg.train.precision != "fp32")
     fairseq_api.check_train_args(train_args(cfg, data_bin, checkpoint_uri, placement))
 
 
@@ -142,7 +141,7 @@ def train(
     pipeline_run_id: str = "",
 ) -> dict[str, Any]:
     """Train to the end of the config's schedule (resuming what the checkpoint location holds); the summary."""
-    cfg = config_mod.resolve_launcher(cfg, os.environ)
+    cfg = cfg.resolve_launcher(os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
     preflight(cfg, data_bin, checkpoint_uri)
     resumable = checkpoints.read_manifest(checkpoint_uri)["checkpoints"]
@@ -172,13 +171,13 @@ def dry_run(cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path) ->
     from lmforge.fairseq_api.arguments import Placement, train_args
     from lmforge.training.worker import stage_data
 
-    cfg = config_mod.resolve_launcher(cfg, os.environ)
+    cfg = cfg.resolve_launcher(os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
     preflight(cfg, data_bin, checkpoint_uri)
     import torch
 
     cuda = torch.cuda.is_available()
-    world = config_mod.world_size(cfg)
+    world = cfg.train.world_size()
     local_data = stage_data(data_bin, cache_dir(cfg))
     with tempfile.TemporaryDirectory(prefix="lmforge-dry-run-") as tmp:
         # placed as rank 0 of the job, but single-process: the batching below shards for `world`
