@@ -145,3 +145,45 @@ def test_corpora_lists_the_catalog():
     assert result.returncode == 0
     for name in ("wikitext-2", "wikitext-2-raw", "wikitext-103", "wikitext-103-raw"):
         assert name in result.stdout
+
+
+def test_train_checks_names_against_fairseq_before_anything(tmp_path, capsys):
+    from lmforge.cli import main
+
+    status = main(["train", "--config", str(TINY), "--set", "model.criterion=crossentropy",
+                   "--data-bin", str(tmp_path / "absent"), "--checkpoints", str(tmp_path / "ckpt")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2 and last.startswith("lmforge: error: invalid config: model.criterion: unknown fairseq criterion")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_register_runs_the_register_step(tiny_lm, tmp_path, capsys):
+    """`lmforge register` is the pipeline's register step: its MLflow run is found by a pipeline run id
+    (manual-<checkpoint dir>), and the version carries the step's lineage tags; --run-id adopts a run."""
+    from mlflow import MlflowClient
+
+    from lmforge.cli import main
+    from lmforge.tracking import PIPELINE_RUN_TAG
+
+    root = tmp_path / "runs"
+    argv = ["register", "--config", str(TINY), "--set", f"storage.root={root}", "--set", "evaluate.split=valid",
+            "--set", "evaluate.other_splits=[]", "--data-bin", str(tiny_lm.data_bin), "--checkpoint", str(tiny_lm.checkpoint)]
+    assert main(argv) == 0  # no --metrics: evaluated first
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["version"] == "1" and result["alias"] == "champion"
+    assert result["model_uri"] == "models:/tiny-transformer-lm@champion" and result["reason"] == "first model for this name"
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    pipeline_run_id = f"manual-{tiny_lm.checkpoint.parent.name}"
+    version = client.get_model_version("tiny-transformer-lm", "1")
+    assert version.run_id == result["run_id"] and version.tags["pipeline_run_id"] == pipeline_run_id
+    assert client.get_run(result["run_id"]).data.tags[PIPELINE_RUN_TAG] == pipeline_run_id
+
+    elsewhere = client.create_run(client.create_experiment("elsewhere")).info.run_id
+    assert main([*argv, "--set", "registry.model_name=other-lm", "--run-id", elsewhere]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["run_id"] == elsewhere
+    assert client.get_model_version("other-lm", "1").run_id == elsewhere
+
+    assert main([*argv, "--run-id", "0" * 32]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"lmforge: error: MLflow run {'0' * 32} not found")
