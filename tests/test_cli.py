@@ -179,7 +179,8 @@ def test_register_runs_the_register_step(tiny_lm, tmp_path, capsys):
     assert version.run_id == result["run_id"] and version.tags["pipeline_run_id"] == pipeline_run_id
     assert client.get_run(result["run_id"]).data.tags[PIPELINE_RUN_TAG] == pipeline_run_id
 
-    elsewhere = client.create_run(client.create_experiment("elsewhere")).info.run_id
+    experiment = client.create_experiment("elsewhere", artifact_location=(tmp_path / "elsewhere").as_uri())
+    elsewhere = client.create_run(experiment).info.run_id
     assert main([*argv, "--set", "registry.model_name=other-lm", "--run-id", elsewhere]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{"):])["run_id"] == elsewhere

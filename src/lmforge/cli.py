@@ -167,6 +167,7 @@ def register(*, config: str | None, overrides: list[str], data_bin: str, checkpo
              metrics: str | None) -> None:
     """The register step itself (`lmforge.steps.register`), fed what a pipeline run would feed it."""
     from lmforge import steps
+    from lmforge.io.hashing import file_sha256
     from lmforge.models.evaluate import evaluate as score
     from lmforge.models.evaluate import read_metrics
 
@@ -189,7 +190,7 @@ def register(*, config: str | None, overrides: list[str], data_bin: str, checkpo
     result = register_step(
         cfg.to_json(), pipeline_run_id, data_bin, checkpoint,
         "",  # corpus_sha256: not known outside a pipeline run (the corpus never passed through here)
-        "",  # dict_sha256: register_model computes it from dict.txt (its lineage tags win)
+        file_sha256(Path(data_bin) / "dict.txt"),
         json.dumps(evaluation, sort_keys=True),
     )
     print(json.dumps(registered(cfg, result), indent=2))

@@ -1,7 +1,5 @@
 """lmforge.config.validation: every problem collected and named once; the alias rule; fairseq's names."""
 
-from pathlib import Path
-
 import pytest
 
 from lmforge import config
