@@ -59,11 +59,12 @@ from lmforge.config.validation import (
     validate_cluster,
     validate_training,
 )
+from lmforge.errors import ConfigError  # what loading and validation raise
 
 __all__ = [
     "ADAPTIVE_SOFTMAX_ARCHS", "PRECISIONS", "SHIPPED", "SPLITS", "STAGE_SECTIONS", "WORKER_OWNED_ARGS",
-    "ClusterConfig", "CorpusConfig", "EvaluateConfig", "ModelConfig", "PreprocessConfig", "PyTorchJobConfig",
-    "RegistryConfig", "RunConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
+    "ClusterConfig", "ConfigError", "CorpusConfig", "EvaluateConfig", "ModelConfig", "PreprocessConfig",
+    "PyTorchJobConfig", "RegistryConfig", "RunConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
     "alias_problem", "alias_problems", "apply_overrides", "cluster_storage_problems", "content_key",
     "default_config", "doc", "fairseq_problems", "field_docs", "from_dict", "from_json", "from_stage_json", "load",
     "parse_override", "read_yaml", "resolve_local_paths", "resolve_storage", "shipped_config_path", "stage_json",
