@@ -32,9 +32,9 @@ def test_named_shapes():
     gpt = preset_config("transformer_lm_gpt")
     assert gpt.model.arch == "transformer_lm_gpt" and gpt.train.tokens_per_sample == 1024  # GPT-2 small: 12 x 768
     wiki = preset_config("transformer_lm_wiki103")
-    assert wiki.model.options["adaptive_input_cutoff"] and config.adaptive_softmax_cutoff(wiki) == [20000, 60000]
+    assert wiki.model.options["adaptive_input_cutoff"] and wiki.model.adaptive_softmax_cutoff() == [20000, 60000]
     lstm = preset_config("lstm_lm")
-    assert lstm.model.criterion == "adaptive_loss" and config.adaptive_softmax_cutoff(lstm) == [10000, 20000]
+    assert lstm.model.criterion == "adaptive_loss" and lstm.model.adaptive_softmax_cutoff() == [10000, 20000]
 
 
 def test_the_config_overrides_the_preset_key_by_key():

@@ -105,17 +105,3 @@ def test_cluster_pod_checks() -> None:
     s3 = cfg.replace(storage=config_mod.StorageConfig(root="s3://b/r"))
     with pytest.raises(ConfigError, match="tracking_uri"):
         run_parameters.for_cluster_pod(s3, {})
-
-
-def test_cluster_section_is_validated() -> None:
-    with pytest.raises(ConfigError) as exc:
-        config_mod.load(config_mod.shipped_config_path("tiny"), [
-            "cluster.cpu_request.preprocess=two", "cluster.memory_request.default=4GB", "cluster.shm_size=lots",
-            "cluster.pvc_mount_path=mnt", "cluster.retries=-1",
-        ])
-    message = str(exc.value)
-    for field in ("cluster.cpu_request.preprocess", "cluster.memory_request.default", "cluster.shm_size",
-                  "cluster.pvc_mount_path", "cluster.retries"):
-        assert field in message, field
-    with pytest.raises(ConfigError, match=r"cluster.tolerations\[0\]"):
-        config_mod.from_dict({**default_data(), "cluster": {"tolerations": [{"key": "a", "effect": "Sometimes"}]}})

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lmforge import config as config_mod
-from lmforge.config import RunConfig
+from lmforge.config.schema import RunConfig, TrackingConfig
+from lmforge.config.validation import cluster_storage_problems
 from lmforge.errors import ConfigError
 
 
@@ -81,9 +81,9 @@ def for_cluster_pod(cfg: RunConfig, env: Mapping[str, str]) -> RunConfig:
     if not cfg.tracking.uri and env.get("MLFLOW_TRACKING_URI"):
         # From the MLflow Secret (cluster.mlflow_secret); written into config_json so every later step,
         # and the training job's pods, log to the same server.
-        cfg = cfg.replace(tracking=config_mod.TrackingConfig(uri=env["MLFLOW_TRACKING_URI"],
-                                                             experiment=cfg.tracking.experiment))
-    problems = config_mod.cluster_storage_problems(cfg)
+        cfg = cfg.replace(tracking=TrackingConfig(uri=env["MLFLOW_TRACKING_URI"],
+                                                  experiment=cfg.tracking.experiment))
+    problems = cluster_storage_problems(cfg)
     if not cfg.tracking.uri:
         problems.append(
             "tracking.uri: empty, and a SQLite file cannot be shared by pods; set the tracking_uri parameter "

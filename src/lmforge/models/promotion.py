@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lmforge.config.validation import alias_problem
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,9 @@ def promote(
     """Point `alias` at a version by hand, tagging who and why on it (and on the version it leaves)."""
     if not reason or not reason.strip():
         raise LmforgeError("say why: pass --reason TEXT (it is kept as a tag on the version)")
+    problem = alias_problem("alias", alias)
+    if problem:
+        raise LmforgeError(problem)
     target = resolve_version(client, name, version_or_alias)
     who = by or getpass.getuser()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

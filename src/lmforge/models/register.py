@@ -31,12 +31,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lmforge.config.validation import alias_problems
 from lmforge.errors import LmforgeError
 
 #: Distributions the serving process needs, pinned to the versions installed here.
@@ -54,8 +54,6 @@ SERVING_DISTRIBUTIONS = (
     "sacrebleu",
     "regex",
 )
-
-_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 def serving_requirements() -> list[str]:
@@ -159,11 +157,9 @@ def register_model(
     data_bin = _local_path(data_bin) if data_bin is not None else dict_path.parent
     if not model_name or not model_name.strip():
         raise LmforgeError("model name is empty; set registry.model_name")
-    for name in (alias, challenger_alias):
-        if not _ALIAS.match(name) or re.fullmatch(r"v\d+", name):
-            raise LmforgeError(f"alias {name!r} must be a name like 'champion' (letters, digits, '_', '-'; not vN)")
-    if alias == challenger_alias:
-        raise LmforgeError("the champion and challenger aliases must differ")
+    problems = alias_problems(alias, challenger_alias, ("alias", "challenger alias"))
+    if problems:
+        raise LmforgeError("; ".join(problems))
 
     import mlflow
     from mlflow.exceptions import MlflowException

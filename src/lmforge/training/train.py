@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lmforge import config as config_mod
 from lmforge import fairseq_api
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
@@ -56,7 +55,7 @@ def data_problems(cfg: RunConfig, data_bin: str) -> list[str]:
     for split in ("train", "valid"):
         if not {f"{split}.bin", f"{split}.idx"} <= names:
             problems.append(f"{data_bin} has no {split}.bin/{split}.idx; preprocess the {split} split")
-    cutoff = config_mod.adaptive_softmax_cutoff(cfg)
+    cutoff = cfg.model.adaptive_softmax_cutoff()
     if cutoff:
         vocab = SPECIAL_SYMBOLS + sum(1 for line in storage.read_text(storage.join(data_bin, "dict.txt")).splitlines() if line.strip())
         if cutoff[-1] > vocab:
@@ -100,13 +99,13 @@ def environment_problems(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> 
 
 def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> None:
     """Raise one error naming every problem found before launch."""
-    cfg = config_mod.resolve_launcher(cfg, os.environ)
+    cfg = cfg.resolve_launcher(os.environ)
     problems = data_problems(cfg, data_bin)
     problems += environment_problems(cfg, data_bin, checkpoint_uri)
     if problems:
         raise LmforgeError("cannot train: " + "; ".join(problems))
     # fairseq's own parser on the options as a worker will pass them (extra_args included)
-    placement = Placement(world_size=config_mod.world_size(cfg), cuda=cfg.train.precision != "fp32")
+    placement = Placement(world_size=cfg.train.world_size(), cuda=cfg.train.precision != "fp32")
     fairseq_api.check_train_args(train_args(cfg, data_bin, checkpoint_uri, placement))
 
 
@@ -129,7 +128,7 @@ def train(
     pipeline_run_id: str = "",
 ) -> dict[str, Any]:
     """Train to the end of the config's schedule (resuming what the checkpoint location holds); the summary."""
-    cfg = config_mod.resolve_launcher(cfg, os.environ)
+    cfg = cfg.resolve_launcher(os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
     preflight(cfg, data_bin, checkpoint_uri)
     resumable = checkpoints.read_manifest(checkpoint_uri)["checkpoints"]
@@ -155,13 +154,13 @@ def train(
 
 def dry_run(cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path) -> dict[str, Any]:
     """Preflight, then fairseq's batching of one epoch and one forward/backward pass here; nothing is saved."""
-    cfg = config_mod.resolve_launcher(cfg, os.environ)
+    cfg = cfg.resolve_launcher(os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
     preflight(cfg, data_bin, checkpoint_uri)
     import torch
 
     cuda = torch.cuda.is_available()
-    world = config_mod.world_size(cfg)
+    world = cfg.train.world_size()
     local_data = stage_data(data_bin, cache_dir(cfg))
     with tempfile.TemporaryDirectory(prefix="lmforge-dry-run-") as tmp:
         # placed as rank 0 of the job, but single-process: the batching below shards for `world`

@@ -368,10 +368,10 @@ def test_the_compiled_pipeline_trains_as_a_pytorchjob_and_lmforge_run_locally():
     `lmforge run` resolves it with no environment at all."""
     compiled = config.from_json(json.dumps(_compiled_default_config()))
     assert compiled.train.launcher == "auto"
-    assert config.resolve_launcher(compiled, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).train.launcher == "pytorchjob"
-    assert config.resolve_launcher(compiled, {}).train.launcher == "local"
+    assert compiled.resolve_launcher({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).train.launcher == "pytorchjob"
+    assert compiled.resolve_launcher({}).train.launcher == "local"
     explicit = config.load(TINY_CONFIG, ["train.launcher=local"])
-    assert config.resolve_launcher(explicit, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).train.launcher == "local"
+    assert explicit.resolve_launcher({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).train.launcher == "local"
 
 
 def _compiled_default_config() -> dict:

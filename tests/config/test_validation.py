@@ -1,0 +1,91 @@
+"""lmforge.config.validation: every problem collected and named once; the alias rule; fairseq's names."""
+
+import pytest
+
+from lmforge import config
+from lmforge.config.validation import alias_problem, alias_problems, fairseq_problems
+from lmforge.errors import ConfigError, LmforgeError
+
+from conftest import REPO
+TINY = REPO / "pipelines" / "configs" / "tiny.yaml"
+
+
+def test_validation_collects_value_problems():
+    with pytest.raises(ConfigError) as info:
+        config.from_dict({"corpus": {"source": "x", "sha256": "abc"}, "train": {"nproc": 0, "lr": -1.0, "precision": "fp8"}})
+    text = str(info.value)
+    for field in ("corpus.sha256", "train.nproc", "train.lr", "train.precision"):
+        assert field in text
+    assert "\n" not in text
+
+
+def test_cluster_section_is_validated():
+    with pytest.raises(ConfigError) as exc:
+        config.load(config.shipped_config_path("tiny"), [
+            "cluster.cpu_request.preprocess=two", "cluster.memory_request.default=4GB", "cluster.shm_size=lots",
+            "cluster.pvc_mount_path=mnt", "cluster.retries=-1",
+        ])
+    message = str(exc.value)
+    for field in ("cluster.cpu_request.preprocess", "cluster.memory_request.default", "cluster.shm_size",
+                  "cluster.pvc_mount_path", "cluster.retries"):
+        assert field in message, field
+    with pytest.raises(ConfigError, match=r"cluster.tolerations\[0\]"):
+        config.from_dict({**config.default_config().to_dict(), "cluster": {"tolerations": [{"key": "a", "effect": "Sometimes"}]}})
+
+
+@pytest.mark.parametrize("alias", ["champion", "Best_1", "stag-ing", "v", "version2", "v2x"])
+def test_names_are_aliases(alias):
+    assert alias_problem("registry.alias", alias) is None
+
+
+@pytest.mark.parametrize("alias", ["v2", "v10", "", "1st", "_x", "has space", "dots.no", "-x"])
+def test_version_like_or_odd_names_are_not(alias):
+    problem = alias_problem("registry.alias", alias)
+    assert problem and problem.startswith(f"registry.alias: {alias!r} must be a name like") and "not vN" in problem
+
+
+def test_the_gate_needs_two_distinct_aliases():
+    assert alias_problems("champion", "challenger") == []
+    assert alias_problems("best", "best") == ["registry.challenger_alias: must differ from registry.alias"]
+    assert [p.split(":")[0] for p in alias_problems("v1", "v2")] == ["registry.alias", "registry.challenger_alias"]
+    assert alias_problems("x", "v1", ("alias", "challenger alias"))[0].startswith("challenger alias: 'v1'")
+
+
+def test_config_validation_uses_the_alias_rule():
+    with pytest.raises(ConfigError) as info:
+        config.load(TINY, ["registry.alias=v3", "registry.challenger_alias=v4"])
+    assert set(info.value.problems) >= set(alias_problems("v3", "v4"))
+    with pytest.raises(ConfigError, match="registry.challenger_alias: must differ from registry.alias"):
+        config.load(TINY, ["registry.alias=best", "registry.challenger_alias=best"])
+
+
+def test_registration_and_promotion_use_the_alias_rule(tmp_path):
+    """The rule has one home: register_model and promote refuse what config validation refuses."""
+    from lmforge.models import promotion
+    from lmforge.models.register import register_model
+
+    checkpoint, dictionary = tmp_path / "checkpoint.pt", tmp_path / "dict.txt"
+    checkpoint.write_bytes(b"not read: the aliases are checked first")
+    dictionary.write_text("hello 1\n")
+    with pytest.raises(LmforgeError) as info:
+        register_model(checkpoint=checkpoint, dict_path=dictionary, model_name="lm", alias="v2",
+                       challenger_alias="challenger", tracking_uri="sqlite:///unused.db", run_id="0" * 32, tags={})
+    assert str(info.value) == alias_problem("alias", "v2")
+    with pytest.raises(LmforgeError) as info:
+        register_model(checkpoint=checkpoint, dict_path=dictionary, model_name="lm", alias="same",
+                       challenger_alias="same", tracking_uri="sqlite:///unused.db", run_id="0" * 32, tags={})
+    assert str(info.value) == "challenger alias: must differ from alias"
+    with pytest.raises(LmforgeError) as info:  # before the registry is asked anything: no client needed
+        promotion.promote(None, "lm", "1", "v7", reason="a vN alias would shadow version 7")
+    assert str(info.value) == alias_problem("alias", "v7")
+
+
+def test_fairseq_problems_checks_the_registries_it_is_given():
+    cfg = config.load(TINY, ["model.arch=transformer_llm", "model.criterion=crossentropy"])
+    problems = fairseq_problems(cfg, architectures={"transformer_lm", "lstm_lm", "transformer"},
+                                criteria={"cross_entropy"})
+    assert problems == [
+        "model.arch: unknown fairseq architecture 'transformer_llm' (language models: lstm_lm, transformer_lm)",
+        "model.criterion: unknown fairseq criterion 'crossentropy'",
+    ]
+    assert fairseq_problems(config.load(TINY), {"transformer_lm"}, {"cross_entropy"}) == []
