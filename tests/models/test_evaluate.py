@@ -17,8 +17,11 @@ import pytest
 from conftest import TINY_CONFIG, VENV_BIN, wikitext_or_skip
 from lmforge import config
 from lmforge.errors import LmforgeError
-from lmforge.models.evaluate import evaluate, evaluation_identity, identity_sha256, split_sha256
-from lmforge.fairseq_api.arguments import eval_lm_args
+from lmforge.models.evaluate import evaluate, identity_sha256
+from lmforge.tasks.language_modeling import TASK as LM
+from lmforge.tasks.language_modeling import split_sha256
+
+evaluation_identity = LM.evaluation_identity
 
 CONTEXT = ["evaluate.context_window=64"]
 
@@ -71,7 +74,7 @@ def test_numbers_equal_fairseq_eval_lm(results, eval_bin, checkpoint, name, over
     ours = results[name]
     # The valid split too (also scored, not gated), once: each CLI run costs seconds.
     for split in ("test", "valid") if name == "blocks" else ("test",):
-        loss, ppl, tokens = fairseq_eval_lm(eval_lm_args(cfg, str(eval_bin), str(checkpoint), split=split))
+        loss, ppl, tokens = fairseq_eval_lm(LM.eval_args(cfg, str(eval_bin), str(checkpoint), split=split))
         numbers = ours["splits"][split]
         assert numbers["loss_base2"] == pytest.approx(loss, abs=1e-4)  # the CLI prints 4 decimals
         assert numbers["perplexity"] == pytest.approx(ppl, abs=0.01)

@@ -303,6 +303,11 @@ class RunConfig:
     """One run of the pipeline."""
 
     name: str = doc("Name of this run config; used in output paths.", "lmforge")
+    task: str = doc(
+        "Training task (lmforge.tasks): language_modeling (causal LM). It decides the data layout, fairseq's "
+        "--task and default criterion, the evaluation metric, the registered model and what the gate compares.",
+        "language_modeling",
+    )
     corpus: CorpusConfig = doc("Corpus source.", factory=CorpusConfig)
     preprocess: PreprocessConfig = doc("Preprocessing.", factory=PreprocessConfig)
     model: ModelConfig = doc("Model.", factory=ModelConfig)
@@ -533,6 +538,10 @@ def validate(cfg: RunConfig) -> list[str]:
     p: list[str] = []
     if not _NAME.match(cfg.name):
         p.append(f"name: {cfg.name!r} must be letters, digits, '.', '_' or '-'")
+    from lmforge import tasks  # here, not at module level: config imports no step code
+
+    if cfg.task not in tasks.NAMES:
+        p.append(f"task: {cfg.task!r} is not a known task (known: {', '.join(tasks.NAMES)})")
     c = cfg.corpus
     if not c.source:
         p.append("corpus.source: empty; set a directory, file, URL or s3:// URI (or pass --corpus DIR)")
