@@ -7,6 +7,7 @@ itself, so each evaluation takes a second, not a minute.
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -137,8 +138,8 @@ def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflo
 
     from mlflow.tracking._tracking_service import utils
 
-    # The steps set mlflow's process-wide tracking URI (as in their own process): put it back afterwards.
-    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    # Unset, as in a fresh step process; the steps must leave it so (restored afterwards either way).
+    monkeypatch.setattr(utils, "_tracking_uri", None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored (or removed) afterwards
     shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")  # the step's default store under storage.root
     cfg = config.load(TINY_CONFIG, [f"storage.root={tmp_path}"])
@@ -157,6 +158,7 @@ def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflo
     assert run.data.metrics["eval_valid_loss_base2"] == pytest.approx(evaluation["splits"]["valid"]["loss_base2"])
     assert "valid_loss" not in run.data.metrics  # training's name (fairseq's per-epoch loss), not ours
     assert run.data.tags["lmforge.eval_identity"] == evaluation["identity_sha256"]
+    assert run.info.status == "RUNNING"  # a step leaves the pipeline's run running
 
     registered = steps.register(
         cfg.to_json(), "run-1", str(eval_bin), str(checkpoint), "a" * 64, evaluation["identity"]["dict_sha256"],
@@ -168,3 +170,5 @@ def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflo
     assert json.loads(tags["eval_identity_json"]) == evaluation["identity"]
     assert float(tags["eval_perplexity"]) == out.perplexity
     assert (tags["corpus_sha256"], tags["pipeline_run_id"], tags["config_hash"]) == ("a" * 64, "run-1", cfg.config_hash())
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"  # register, the DAG's last step, ends it
+    assert utils._tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ  # the caller's, as before
