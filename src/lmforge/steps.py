@@ -10,6 +10,14 @@ Outputs of a pipeline run live under `<storage.root>/<name>/<pipeline run id>/`.
 A step that fails on the user's input prints one line and exits non-zero; when
 LMFORGE_ERROR_FILE is set (by `lmforge run`) the line is also written there, so
 the command that started the pipeline can repeat it.
+
+The steps that log to MLflow (train, evaluate, register) do so through
+`tracking.step_run`: each leaves the pipeline's run RUNNING, a failing one marks it
+FAILED and tags `lmforge.failed_step`, and register, the DAG's last, ends it FINISHED.
+What changes with the training task (data layout, evaluation metric, registered model)
+the steps ask `lmforge.tasks.get(cfg.task)`.
+
+    lmforge run --config pipelines/configs/tiny.yaml     # every step, through KFP's local runner
 """
 
 from __future__ import annotations
