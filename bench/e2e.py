@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import write_corpus  # noqa: E402  (the tests' corpus builder, so bench and tests use the same text)
 
 from lmforge import config  # noqa: E402
-from lmforge.fairseq_api.arguments import Placement, eval_lm_args, train_args  # noqa: E402
+from lmforge.fairseq_api.arguments import Placement, train_args  # noqa: E402
+from lmforge.tasks.language_modeling import TASK as LM  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -67,7 +68,7 @@ def by_hand(cfg: config.RunConfig, corpus: Path, work: Path) -> float:
     if any(proc.wait() != 0 for proc in procs):
         raise SystemExit("fairseq-train failed")
     out = subprocess.run(
-        [BIN / "fairseq-eval-lm", *eval_lm_args(cfg, str(data), str(ckpt / "checkpoint_best.pt"))],
+        [BIN / "fairseq-eval-lm", *LM.eval_args(cfg, str(data), str(ckpt / "checkpoint_best.pt"))],
         check=True, capture_output=True, text=True,
     )
     return float(re.search(r"Perplexity: ([0-9.]+)", out.stdout + out.stderr).group(1))

@@ -3,7 +3,7 @@
 In one run of this script, on the same checkpoint and data:
   1. eval-lm throughput: `lmforge evaluate` (the evaluate stage: fairseq's eval-lm code in
      process, plus the evaluation identity's hashing) against `fairseq-eval-lm` with the very
-     argument list lmforge builds (`fairseq_args.eval_lm_args`), alternating which goes first;
+     argument list lmforge builds (`lmforge.tasks.language_modeling` eval_args), alternating which goes first;
      prints wall times, the scoring loop's tokens/s as each reports it, and the ratios;
   2. serving: the checkpoint registered with `lmforge.models.register` (SQLite store), served by
      `mlflow models serve --env-manager local` on 127.0.0.1; prints the latency of one
@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import write_corpus  # noqa: E402  (the tests' corpus builder: the same text)
 
 from lmforge import config  # noqa: E402
-from lmforge.fairseq_api.arguments import eval_lm_args, train_args  # noqa: E402
+from lmforge.fairseq_api.arguments import train_args  # noqa: E402
+from lmforge.tasks.language_modeling import TASK as LM  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TEXT = "the album was released in the united states on 12 may 2009 ."
@@ -88,7 +89,7 @@ def lmforge_run(config_path: Path, overrides: list[str], data: Path, ckpt: Path)
 
 
 def bench_eval(cfg, config_path, overrides, data, ckpt, rounds: int) -> None:
-    argv = eval_lm_args(cfg, str(data), str(ckpt))
+    argv = LM.eval_args(cfg, str(data), str(ckpt))
     ours, theirs = [], []
     for i in range(rounds):
         pair = [lambda: ours.append(lmforge_run(config_path, overrides, data, ckpt)), lambda: theirs.append(fairseq_run(argv))]

@@ -1,7 +1,15 @@
+"""lmforge.tracking: the pipeline's one MLflow run, fairseq's metrics, and the state a step leaves
+the run in (RUNNING after a step, FINISHED after the last, FAILED and tagged after a failing one)."""
+
 import json
 import logging
+import os
+import shutil
 
+import mlflow
+import pytest
 from mlflow import MlflowClient
+from mlflow.tracking._tracking_service import utils
 
 from lmforge import tracking
 from lmforge.tracking import FairseqMetricsHandler
@@ -52,9 +60,126 @@ def test_corpus_splits_become_dataset_inputs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.pipeline_run(uri, "exp", "kfp-run-1", storage_root=tmp_path)
     manifest = {"splits": {s: {"sha256": f"{i}" * 64} for i, s in enumerate(("train", "valid", "test"))}}
-    with tracking.active_run(uri, run_id):
+    with tracking.step_run(uri, run_id, "train"):
         tracking.log_corpus_inputs(str(tmp_path), manifest, "tiny")
     inputs = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
     assert {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in inputs} == {
         ("tiny-train", "0" * 36, "train"), ("tiny-valid", "1" * 36, "valid"), ("tiny-test", "2" * 36, "test"),
     }
+
+
+# --------------------------------------------------------------------------- the state a step leaves
+
+
+@pytest.fixture
+def store(tmp_path, empty_mlflow_db, monkeypatch):
+    """A SQLite store holding one pipeline run; the caller's own fluent setting points elsewhere."""
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.pipeline_run(uri, "exp", "kfp-run-1", storage_root=tmp_path)
+    caller = f"sqlite:///{tmp_path / 'callers.db'}"
+    monkeypatch.setattr(utils, "_tracking_uri", caller)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", caller)
+    return uri, run_id, MlflowClient(uri), caller
+
+
+def assert_caller_state_kept(caller):
+    assert mlflow.active_run() is None
+    assert utils._tracking_uri == caller and os.environ["MLFLOW_TRACKING_URI"] == caller
+
+
+def status(client, run_id):
+    run = client.get_run(run_id)
+    return run.info.status, run.data.tags.get(tracking.FAILED_STEP_TAG)
+
+
+def test_a_step_logs_into_the_run_and_leaves_it_running(store):
+    uri, run_id, client, caller = store
+    for step in ("train", "evaluate"):
+        with tracking.step_run(uri, run_id, step) as run:
+            assert run.info.run_id == run_id and mlflow.get_tracking_uri() == uri
+            mlflow.log_metric(f"{step}_metric", 1.0)
+        assert status(client, run_id) == ("RUNNING", None)
+        assert_caller_state_kept(caller)
+    assert set(client.get_run(run_id).data.metrics) == {"train_metric", "evaluate_metric"}
+
+
+def test_the_last_step_ends_the_run_finished(store):
+    uri, run_id, client, caller = store
+    with tracking.step_run(uri, run_id, "train"):
+        pass
+    with tracking.step_run(uri, run_id, "register", last=True):
+        pass
+    assert status(client, run_id) == ("FINISHED", None)
+    assert_caller_state_kept(caller)
+
+
+def test_a_failing_step_marks_the_run_failed_and_names_the_step(store):
+    uri, run_id, client, caller = store
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.step_run(uri, run_id, "evaluate"):
+            raise RuntimeError("boom")
+    assert status(client, run_id) == ("FAILED", "evaluate")
+    assert_caller_state_kept(caller)
+    # A retry of the step that succeeds: the run is running again and no longer names a failed step.
+    with tracking.step_run(uri, run_id, "evaluate"):
+        pass
+    assert status(client, run_id) == ("RUNNING", None)
+
+
+def test_a_failing_last_step_is_failed_not_finished(store):
+    uri, run_id, client, caller = store
+    with pytest.raises(ValueError):
+        with tracking.step_run(uri, run_id, "register", last=True):
+            raise ValueError("no")
+    assert status(client, run_id) == ("FAILED", "register")
+    assert_caller_state_kept(caller)
+
+
+def test_an_already_active_run_is_used_as_is(store):
+    """Inside the register step, register_model's own step_run finds the run active: it neither ends
+    it nor changes its status; the outer (last) step ends it."""
+    uri, run_id, client, caller = store
+    with tracking.step_run(uri, run_id, "register", last=True) as outer:
+        with tracking.step_run(uri, run_id, "register") as inner:
+            assert inner.info.run_id == outer.info.run_id
+        assert mlflow.active_run().info.run_id == run_id
+        assert status(client, run_id) == ("RUNNING", None)
+    assert status(client, run_id) == ("FINISHED", None)
+    assert_caller_state_kept(caller)
+
+
+def test_another_active_run_stays_active_underneath(store):
+    uri, run_id, client, caller = store
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as users:
+        with tracking.step_run(uri, run_id, "evaluate") as run:
+            assert mlflow.active_run().info.run_id == run_id != users.info.run_id
+        assert mlflow.active_run().info.run_id == users.info.run_id
+        assert status(client, run_id) == ("RUNNING", None)
+    assert client.get_run(users.info.run_id).info.status == "FINISHED"
+
+
+def test_failing_pipeline_steps_leave_the_run_failed(tmp_path, empty_mlflow_db, monkeypatch):
+    """The real evaluate and register steps on a missing checkpoint: a one-line exit, the run FAILED
+    and tagged with the step, the process's tracking URI as before."""
+    from conftest import TINY_CONFIG
+
+    from lmforge import config, steps
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
+    cfg = config.load(TINY_CONFIG, [f"storage.root={tmp_path}"])
+    (tmp_path / "data-bin").mkdir()
+    (tmp_path / "data-bin" / "dict.txt").write_text("the 3\n")
+    client = MlflowClient(steps.tracking_uri(cfg))
+    with pytest.raises(SystemExit):
+        steps.evaluate(cfg.to_json(), "run-1", str(tmp_path / "data-bin"), str(tmp_path / "nope.pt"))
+    run_id = steps._mlflow_run(cfg, "run-1")
+    assert status(client, run_id) == ("FAILED", "evaluate")
+    with pytest.raises(SystemExit):
+        steps.register(cfg.to_json(), "run-1", str(tmp_path / "data-bin"), str(tmp_path / "nope.pt"), "a" * 64,
+                       "b" * 64, json.dumps({"perplexity": 1.0, "identity": {}, "split": "test"}))
+    assert status(client, run_id) == ("FAILED", "register")
+    assert mlflow.active_run() is None and utils._tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ

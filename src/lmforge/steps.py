@@ -10,6 +10,14 @@ Outputs of a pipeline run live under `<storage.root>/<name>/<pipeline run id>/`.
 A step that fails on the user's input prints one line and exits non-zero; when
 LMFORGE_ERROR_FILE is set (by `lmforge run`) the line is also written there, so
 the command that started the pipeline can repeat it.
+
+The steps that log to MLflow (train, evaluate, register) do so through
+`tracking.step_run`: each leaves the pipeline's run RUNNING, a failing one marks it
+FAILED and tags `lmforge.failed_step`, and register, the DAG's last, ends it FINISHED.
+What changes with the training task (data layout, evaluation metric, registered model)
+the steps ask `lmforge.tasks.get(cfg.task)`.
+
+    lmforge run --config pipelines/configs/tiny.yaml     # every step, through KFP's local runner
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from lmforge import __version__, tracking
+from lmforge import __version__, tasks, tracking
 from lmforge.io import storage
 from lmforge import config as config_mod
 from lmforge.config import RunConfig
@@ -178,7 +186,8 @@ def log_run_inputs(cfg: RunConfig, corpus_dir: str, data_bin: str) -> None:
         for split, numbers in summary["splits"].items():
             mlflow.log_metrics({f"{split}_tokens": numbers["tokens"], f"{split}_sentences": numbers["sentences"]})
         mlflow.set_tag("lmforge.dict_sha256", summary["dict_sha256"])
-    mlflow.log_text(storage.read_text(storage.join(data_bin, "dict.txt")), "data-bin/dict.txt")
+    dictionary = tasks.get(cfg.task).dictionary
+    mlflow.log_text(storage.read_text(storage.join(data_bin, dictionary)), f"data-bin/{dictionary}")
 
 
 @step("preprocess")
@@ -291,14 +300,13 @@ def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str
     storage.use_endpoint(cfg.storage.s3_endpoint)
     checkpoint_uri = storage.join(run_dir(cfg, pipeline_run_id), "checkpoints")
     uri, run_id = tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)
-    with tracking.active_run(uri, run_id):
-        log_run_inputs(cfg, corpus_dir, data_bin)
-    summary = run_training(
-        cfg, data_bin, checkpoint_uri, tracking_uri=uri, mlflow_run_id=run_id, pipeline_run_id=pipeline_run_id
-    )
-    with tracking.active_run(uri, run_id):
+    with tracking.step_run(uri, run_id, "train"):
         import mlflow
 
+        log_run_inputs(cfg, corpus_dir, data_bin)
+        summary = run_training(
+            cfg, data_bin, checkpoint_uri, tracking_uri=uri, mlflow_run_id=run_id, pipeline_run_id=pipeline_run_id
+        )
         mlflow.log_metrics({"epochs": summary["epochs"], "num_updates": summary["num_updates"]})
         if summary["best_valid_loss"] is not None:
             mlflow.log_metric("best_valid_loss", summary["best_valid_loss"])
@@ -319,21 +327,23 @@ def evaluate(config_json: str, pipeline_run_id: str, data_bin: str, checkpoint: 
 
     cfg = config_mod.from_json(config_json)
     storage.use_endpoint(cfg.storage.s3_endpoint)
-    result = score(cfg, data_bin, checkpoint)
-    metrics_file = _write_eval_metrics(cfg, pipeline_run_id, result)
-    numbers = mlflow_metrics(result)
-    if metrics is not None:
-        for key, value in numbers.items():
-            metrics.log_metric(key, value)
-    with tracking.active_run(tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)):
+    task = tasks.get(cfg.task)
+    with tracking.step_run(tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id), "evaluate"):
         import mlflow
 
+        result = score(cfg, data_bin, checkpoint)
+        metrics_file = _write_eval_metrics(cfg, pipeline_run_id, result)
+        numbers = mlflow_metrics(task, result)
+        if metrics is not None:
+            for key, value in numbers.items():
+                metrics.log_metric(key, value)
         mlflow.log_metrics(numbers)
         mlflow.set_tags({"lmforge.eval_identity": result["identity_sha256"], "lmforge.eval_split": result["split"]})
         mlflow.log_dict(result, "eval/metrics.json")
-    log.info("%s perplexity %.2f (loss %.4f base 2) over %d tokens; identity %s", result["split"],
-             result["perplexity"], result["loss_base2"], result["tokens"], result["identity_sha256"][:12])
-    return EvaluateOutputs(result["perplexity"], metrics_file, json.dumps(result, sort_keys=True))
+    gate = task.gate_metric.name
+    log.info("%s %s %.4g; identity %s", result["split"], gate, result[gate], result["identity_sha256"][:12])
+    # The output is named `perplexity` in the compiled pipeline: the gate metric of the task.
+    return EvaluateOutputs(result[gate], metrics_file, json.dumps(result, sort_keys=True))
 
 
 def _write_eval_metrics(cfg: RunConfig, pipeline_run_id: str, result: dict) -> str:
@@ -357,17 +367,20 @@ def register(
     cfg = config_mod.from_json(config_json)
     storage.use_endpoint(cfg.storage.s3_endpoint)
     uri, run_id = tracking_uri(cfg), _mlflow_run(cfg, pipeline_run_id)
+    task = tasks.get(cfg.task)
     tags = {
         "corpus_sha256": corpus_sha256,
         "dict_sha256": dict_sha256,
         "config_hash": cfg.config_hash(),
         "pipeline_run_id": pipeline_run_id,
     }
-    with fetched_dir(data_bin) as data, fetched_file(checkpoint) as ckpt:
+    # The DAG's last step: it ends the pipeline's MLflow run (FINISHED, or FAILED when it fails).
+    with tracking.step_run(uri, run_id, "register", last=True), \
+            fetched_dir(data_bin) as data, fetched_file(checkpoint) as ckpt:
         result = register_model(
-            checkpoint=ckpt, dict_path=data / "dict.txt", data_bin=data, model_name=cfg.registry.model_name,
+            checkpoint=ckpt, dict_path=data / task.dictionary, data_bin=data, model_name=cfg.registry.model_name,
             alias=cfg.registry.alias, challenger_alias=cfg.registry.challenger_alias, tracking_uri=uri,
-            run_id=run_id, tags=tags, evaluation=json.loads(evaluation_json),
+            run_id=run_id, tags=tags, evaluation=json.loads(evaluation_json), task=cfg.task,
         )
     log.info("registered %s version %s as %s: %s", cfg.registry.model_name, result["version"], result["alias"],
              result["reason"])

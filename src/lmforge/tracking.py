@@ -4,6 +4,14 @@ In: the tracking URI, the experiment name and the pipeline run id (KFP's job
 id). Out: the MLflow run id. Every step finds the MLflow run tagged with its
 pipeline run id, or creates it, so steps need no extra wiring and a retried step
 logs into the same run.
+
+`step_run` is the one way a step logs into that run, and what it leaves behind is
+one rule: every step leaves the run RUNNING; a step that fails marks it FAILED and
+tags `lmforge.failed_step` with the step's name; the last step of the DAG (register)
+ends it FINISHED. The caller's fluent state (active run, tracking URI and
+MLFLOW_TRACKING_URI) is as it was afterwards.
+
+    lmforge run --config pipelines/configs/tiny.yaml    # train, evaluate, register log here
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 from lmforge.errors import LmforgeError
 
 PIPELINE_RUN_TAG = "lmforge.pipeline_run_id"
+FAILED_STEP_TAG = "lmforge.failed_step"
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +84,66 @@ def pipeline_run(
 
 
 @contextlib.contextmanager
-def active_run(tracking_uri: str, run_id: str) -> Iterator[Any]:
-    """Make `run_id` mlflow's active run for the duration of a step."""
-    import mlflow
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Use `uri` as the fluent API's tracking URI, then restore the caller's setting exactly.
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id) as run:
-        yield run
+    mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, and
+    resetting it to "unset" deletes that variable, so the variable is saved and put back by
+    hand (mlflow's own private `_use_tracking_uri` would drop a caller's variable).
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+@contextlib.contextmanager
+def step_run(tracking_uri: str, run_id: str, step: str, *, last: bool = False) -> Iterator[Any]:
+    """Make `run_id` the fluent API's active run for one step, and leave it in the rule's state.
+
+    On the way out the run is RUNNING, or FINISHED when `last` (the DAG's last step), or FAILED
+    with the tag FAILED_STEP_TAG = `step` when the body raised; a step that succeeds after a
+    failed attempt removes that tag. When the caller already has `run_id` active (a nested call,
+    or a user's own `mlflow.start_run`), it is used as is: its owner decides its status. Another
+    active run stays active underneath (ours is started nested on top of it).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    with use_tracking_uri(tracking_uri):
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            try:
+                yield active
+            except BaseException:
+                MlflowClient(tracking_uri).set_tag(run_id, FAILED_STEP_TAG, step)
+                raise
+            return
+        # nested=True only when another run is active: the fluent API refuses a second run.
+        run = mlflow.start_run(run_id=run_id, nested=active is not None)
+        client = MlflowClient(tracking_uri)
+        status = "FINISHED" if last else "RUNNING"
+        try:
+            yield run
+            if FAILED_STEP_TAG in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, FAILED_STEP_TAG)  # this attempt succeeded: the run is no longer failed
+        except BaseException:
+            status = "FAILED"
+            client.set_tag(run_id, FAILED_STEP_TAG, step)
+            raise
+        finally:
+            # end_run pops the fluent run off the stack (and stops its system metrics); the
+            # status it writes is the one the run is left in.
+            mlflow.end_run(status=status)
 
 
 def log_params_flat(params: dict[str, Any], prefix: str = "") -> None:

@@ -1,7 +1,7 @@
-from pathlib import Path
+"""lmforge.fairseq_api.arguments: fairseq-train's command line from the config, the task's part included."""
 
 from lmforge import config
-from lmforge.fairseq_api.arguments import eval_lm_args, option_args, train_args
+from lmforge.fairseq_api.arguments import option_args, train_args
 from lmforge.training.distributed import Placement
 
 from conftest import TINY_CONFIG as TINY
@@ -96,13 +96,12 @@ def test_extra_args_and_precision():
     assert "--warmup-updates" not in args
 
 
-def test_eval_lm_args_follow_the_config():
-    cfg = config.load(TINY, ["evaluate.context_window=32", "evaluate.tokens_per_sample=96"])
-    args = eval_lm_args(cfg, "/d", "/c/best.pt")
-    assert value_after(args, "--path") == "/c/best.pt"
-    assert value_after(args, "--gen-subset") == "test"
-    assert value_after(args, "--context-window") == "32"
-    assert value_after(args, "--tokens-per-sample") == "96"
-    plain = eval_lm_args(config.load(TINY), "/d", "/c/best.pt", split="valid")
-    assert value_after(plain, "--tokens-per-sample") == "128"  # falls back to train.tokens_per_sample
-    assert value_after(plain, "--gen-subset") == "valid"
+def test_the_task_gives_its_arguments_and_the_default_criterion():
+    args = train_args(config.load(TINY), "/d", "/c")
+    assert value_after(args, "--task") == "language_modeling"
+    assert value_after(args, "--tokens-per-sample") == "128" and value_after(args, "--sample-break-mode") == "none"
+    assert value_after(args, "--criterion") == "cross_entropy"
+    # An empty model.criterion takes the task's default; a named one is kept.
+    assert value_after(train_args(config.load(TINY, ["model.criterion="]), "/d", "/c"), "--criterion") == "cross_entropy"
+    named = config.load(TINY, ["model.criterion=label_smoothed_cross_entropy"])
+    assert value_after(train_args(named, "/d", "/c"), "--criterion") == "label_smoothed_cross_entropy"

@@ -7,6 +7,7 @@ itself, so each evaluation takes a second, not a minute.
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -17,8 +18,11 @@ import pytest
 from conftest import TINY_CONFIG, VENV_BIN, wikitext_or_skip
 from lmforge import config
 from lmforge.errors import LmforgeError
-from lmforge.models.evaluate import evaluate, evaluation_identity, identity_sha256, split_sha256
-from lmforge.fairseq_api.arguments import eval_lm_args
+from lmforge.models.evaluate import evaluate, identity_sha256
+from lmforge.tasks.language_modeling import TASK as LM
+from lmforge.tasks.language_modeling import split_sha256
+
+evaluation_identity = LM.evaluation_identity
 
 CONTEXT = ["evaluate.context_window=64"]
 
@@ -71,7 +75,7 @@ def test_numbers_equal_fairseq_eval_lm(results, eval_bin, checkpoint, name, over
     ours = results[name]
     # The valid split too (also scored, not gated), once: each CLI run costs seconds.
     for split in ("test", "valid") if name == "blocks" else ("test",):
-        loss, ppl, tokens = fairseq_eval_lm(eval_lm_args(cfg, str(eval_bin), str(checkpoint), split=split))
+        loss, ppl, tokens = fairseq_eval_lm(LM.eval_args(cfg, str(eval_bin), str(checkpoint), split=split))
         numbers = ours["splits"][split]
         assert numbers["loss_base2"] == pytest.approx(loss, abs=1e-4)  # the CLI prints 4 decimals
         assert numbers["perplexity"] == pytest.approx(ppl, abs=0.01)
@@ -134,8 +138,8 @@ def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflo
 
     from mlflow.tracking._tracking_service import utils
 
-    # The steps set mlflow's process-wide tracking URI (as in their own process): put it back afterwards.
-    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    # Unset, as in a fresh step process; the steps must leave it so (restored afterwards either way).
+    monkeypatch.setattr(utils, "_tracking_uri", None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored (or removed) afterwards
     shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")  # the step's default store under storage.root
     cfg = config.load(TINY_CONFIG, [f"storage.root={tmp_path}"])
@@ -154,6 +158,7 @@ def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflo
     assert run.data.metrics["eval_valid_loss_base2"] == pytest.approx(evaluation["splits"]["valid"]["loss_base2"])
     assert "valid_loss" not in run.data.metrics  # training's name (fairseq's per-epoch loss), not ours
     assert run.data.tags["lmforge.eval_identity"] == evaluation["identity_sha256"]
+    assert run.info.status == "RUNNING"  # a step leaves the pipeline's run running
 
     registered = steps.register(
         cfg.to_json(), "run-1", str(eval_bin), str(checkpoint), "a" * 64, evaluation["identity"]["dict_sha256"],
@@ -165,3 +170,5 @@ def test_evaluate_and_register_steps(eval_bin, checkpoint, tmp_path, empty_mlflo
     assert json.loads(tags["eval_identity_json"]) == evaluation["identity"]
     assert float(tags["eval_perplexity"]) == out.perplexity
     assert (tags["corpus_sha256"], tags["pipeline_run_id"], tags["config_hash"]) == ("a" * 64, "run-1", cfg.config_hash())
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"  # register, the DAG's last step, ends it
+    assert utils._tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ  # the caller's, as before

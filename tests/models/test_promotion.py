@@ -16,7 +16,9 @@ import pytest
 
 from lmforge.models import promotion
 from lmforge.errors import LmforgeError
-from lmforge.models.promotion import CHALLENGER, CHAMPION, Candidate, decide, identity_differences
+from lmforge.models.promotion import CHALLENGER, CHAMPION, Candidate, identity_differences
+from lmforge.tasks.base import GateMetric
+from lmforge.tasks.language_modeling import TASK as LM
 
 IDENTITY = {"split": "test", "split_sha256": "1" * 64, "dict_sha256": "2" * 64, "tokens_per_sample": 512,
             "context_window": 0, "sample_break_mode": "none", "scorer": "fairseq-eval-lm"}
@@ -24,6 +26,11 @@ IDENTITY = {"split": "test", "split_sha256": "1" * 64, "dict_sha256": "2" * 64, 
 
 def cand(version, perplexity, **changes):
     return Candidate(str(version), {**IDENTITY, **changes}, perplexity)
+
+
+def decide(candidate, champion):
+    """The decision with the language-modeling task's gate metric (perplexity, lower is better)."""
+    return promotion.decide(candidate, champion, LM.gate_metric)
 
 
 # --------------------------------------------------------------------------- the decision
@@ -59,6 +66,23 @@ def test_a_champion_or_candidate_without_identity_is_not_comparable():
     assert decide(Candidate("2", None, None), cand(1, 50.0)).role == CHALLENGER
 
 
+def test_the_task_metric_decides_the_direction_and_names_the_reason():
+    """A task whose metric is higher-is-better (accuracy, for classifiers) promotes the higher value."""
+    accuracy = GateMetric(name="accuracy", tag="eval_accuracy", lower_is_better=False)
+    better = promotion.decide(cand(2, 0.9), cand(1, 0.8), accuracy)
+    assert better == promotion.Decision(CHAMPION, "better: accuracy 0.9 beats champion v1's 0.8")
+    assert promotion.decide(cand(2, 0.7), cand(1, 0.8), accuracy).role == CHALLENGER
+    assert decide(cand(2, 0.9), cand(1, 0.8)).role == CHALLENGER  # perplexity: lower is better
+
+
+def test_a_version_without_a_task_tag_is_read_as_a_language_model(client):
+    v1 = add_version(client, "lm", 50.0)
+    version = client.get_model_version("lm", v1)
+    assert "task" not in version.tags
+    assert promotion.gate_metric_of(version) == LM.gate_metric
+    assert promotion.candidate_of(version, LM.gate_metric).value == 50.0
+
+
 def test_identity_differences_lists_missing_keys_too():
     assert identity_differences({"a": 1, "b": 2}, {"a": 1, "c": 3}) == ["b (2 vs None)", "c (None vs 3)"]
 
@@ -81,7 +105,7 @@ def add_version(client, name, perplexity, **identity):
     tags = {promotion.TAG_GATE: "pending"}
     if perplexity is not None:
         tags |= {promotion.TAG_IDENTITY_JSON: json.dumps({**IDENTITY, **identity}),
-                 promotion.TAG_PERPLEXITY: repr(perplexity)}
+                 LM.gate_metric.tag: repr(perplexity)}
     return str(client.create_model_version(name, source="s3://models/lm", tags=tags).version)
 
 

@@ -102,7 +102,7 @@ def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, hub_expec
         "checkpoint_sha256": file_sha256(tiny_lm.checkpoint),
         "tokenizer_kind": "none", "tokenizer_sha256": "none",
         "data_bin_digest": data_bin_digest(tiny_lm.data_bin),
-        "lmforge_version": __version__,
+        "lmforge_version": __version__, "task": "language_modeling",
         "eval_identity": ev["identity_sha256"], "eval_identity_json": json.dumps(IDENTITY, sort_keys=True),
         "eval_perplexity": "100.0", "test_perplexity": "100",
         "lmforge.promotion": "champion", "lmforge.promotion_reason": "first model for this name",
@@ -110,8 +110,10 @@ def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, hub_expec
     }.items()
     assert "transformer_lm" in version.description and "test perplexity 100" in version.description
     assert "champion" in client.get_registered_model(NAME).description
-    # The run still belongs to the pipeline: registering must not close it.
+    # The run still belongs to the pipeline: registering must not close it (the register step does),
+    # and the caller's fluent state is as it was.
     assert client.get_run(run_id).info.status == "RUNNING"
+    assert mlflow.active_run() is None
 
     model = mlflow.pyfunc.load_model(result["model_uri"])
     # A plain list and a DataFrame with a text column: both pass the signature.
@@ -135,28 +137,63 @@ def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, hub_expec
     assert "ve-fairseq==0.12.3" in requirements and "+cpu" not in requirements
 
 
-@pytest.mark.slow
-def test_a_fresh_process_loads_the_model_by_alias(tiny_lm, tracking, hub_expected, scored_texts, tmp_path):
-    uri, _, _ = tracking
-    result = register(tiny_lm, tracking)
-    # As a user would: a plain list, then a DataFrame with a text column.
+def predict_in_a_fresh_process(uri: str, model_uri: str, texts: list[str], cwd: Path) -> tuple[pd.DataFrame, ...]:
+    """mlflow.pyfunc.load_model + predict in a new interpreter, as a user would: a plain list, then a
+    DataFrame with a text column. Returns both predictions, and the loaded python model's class path."""
     code = (
         "import json, sys, mlflow, pandas as pd\n"
         "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
         "texts = json.loads(sys.argv[2])\n"
         "from_list = model.predict(texts)\n"
         "from_frame = model.predict(pd.DataFrame({'text': texts}))\n"
-        "print(json.dumps([from_list.to_dict('list'), from_frame.to_dict('list')]))\n"
+        "cls = type(model.unwrap_python_model())\n"
+        "print(json.dumps([from_list.to_dict('list'), from_frame.to_dict('list'), cls.__module__]))\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     proc = subprocess.run(
-        [sys.executable, "-c", code, result["model_uri"], json.dumps(scored_texts)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        [sys.executable, "-c", code, model_uri, json.dumps(texts)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from_list, from_frame = (pd.DataFrame(d) for d in json.loads(proc.stdout.strip().splitlines()[-1]))
+    from_list, from_frame, module = json.loads(proc.stdout.strip().splitlines()[-1])
+    return pd.DataFrame(from_list), pd.DataFrame(from_frame), module
+
+
+@pytest.mark.slow
+def test_a_fresh_process_loads_the_model_by_alias(tiny_lm, tracking, hub_expected, scored_texts, tmp_path):
+    uri, _, _ = tracking
+    result = register(tiny_lm, tracking)
+    from_list, from_frame, module = predict_in_a_fresh_process(uri, result["model_uri"], scored_texts, tmp_path)
     assert_scores_like_fairseq(from_list, hub_expected)
     assert_scores_like_fairseq(from_frame, hub_expected)
+    assert module == "lmforge.models.scoring"
+
+
+def test_a_model_pickled_under_the_old_module_name_still_loads_and_scores(
+    tiny_lm, tracking, hub_expected, scored_texts, tmp_path, monkeypatch,
+):
+    """Models registered before lmforge 0.2 pickled their pyfunc as lmforge.scoring.FairseqLanguageModel
+    (cloudpickle pickles an importable class by reference: module and name). Registered so here, the
+    model loads in a fresh process through the lmforge.scoring re-export and scores as fairseq does."""
+    import mlflow
+
+    import lmforge.scoring  # the old module must be importable for cloudpickle to pickle by reference
+    from lmforge.models.scoring import FairseqLanguageModel
+
+    uri, _, _ = tracking
+    assert lmforge.scoring.FairseqLanguageModel is FairseqLanguageModel
+    with monkeypatch.context() as patch:  # undone on leaving: the fresh process sees today's class
+        patch.setattr(FairseqLanguageModel, "__module__", "lmforge.scoring")
+        result = register(tiny_lm, tracking)
+    assert FairseqLanguageModel.__module__ == "lmforge.models.scoring"
+
+    local = Path(mlflow.artifacts.download_artifacts(result["model_uri"], dst_path=str(tmp_path / "download")))
+    pickled = (local / "python_model.pkl").read_bytes()
+    assert b"lmforge.scoring" in pickled and b"lmforge.models.scoring" not in pickled
+    from_list, from_frame, module = predict_in_a_fresh_process(uri, result["model_uri"], scored_texts, tmp_path)
+    assert_scores_like_fairseq(from_list, hub_expected)
+    assert_scores_like_fairseq(from_frame, hub_expected)
+    assert module == "lmforge.models.scoring"  # unpickled through the re-export: the one class
 
 
 def test_registering_the_same_checkpoint_twice_yields_one_version(tiny_lm, tracking):

@@ -326,6 +326,11 @@ class RunConfig:
     """One run of the pipeline."""
 
     name: str = doc("Name of this run config; used in output paths.", "lmforge")
+    task: str = doc(
+        "Training task (lmforge.tasks): language_modeling (causal LM). It decides the data layout, fairseq's "
+        "--task and default criterion, the evaluation metric, the registered model and what the gate compares.",
+        "language_modeling",
+    )
     corpus: CorpusConfig = doc("Corpus source.", factory=CorpusConfig)
     preprocess: PreprocessConfig = doc("Preprocessing.", factory=PreprocessConfig)
     model: ModelConfig = doc("Model.", factory=ModelConfig)

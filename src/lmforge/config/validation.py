@@ -24,6 +24,10 @@ def validate(cfg: RunConfig) -> list[str]:
     p: list[str] = []
     if not _NAME.match(cfg.name):
         p.append(f"name: {cfg.name!r} must be letters, digits, '.', '_' or '-'")
+    from lmforge import tasks  # here, not at module level: config imports no step code
+
+    if cfg.task not in tasks.NAMES:
+        p.append(f"task: {cfg.task!r} is not a known task (known: {', '.join(tasks.NAMES)})")
     c = cfg.corpus
     if not c.source:
         p.append("corpus.source: empty; set a directory, file, URL or s3:// URI (or pass --corpus DIR)")

@@ -1,23 +1,27 @@
-"""Pure functions that turn a run config into fairseq command lines.
+"""Pure functions that turn a run config into fairseq-train's command line.
 
 In: a `RunConfig`, paths and the distributed placement of one process (a
 `Placement` of `lmforge.training.distributed`, re-exported here).
-Out: argument lists for fairseq-train and fairseq-eval-lm (without the program
-name), fed to `lmforge.fairseq_api` in-process or to the CLIs by hand
-(`bench/e2e.py` does the latter with these very lists).
+Out: the argument list for fairseq-train (without the program name), fed to
+`lmforge.fairseq_api` in-process or to the CLI by hand (`bench/e2e.py` does the
+latter with this very list). The task's part (--task, its options, the default
+criterion) comes from the config's task (`lmforge.tasks`); the evaluation's command
+line is the task's too (language modeling: `lmforge.tasks.language_modeling`'s
+`eval_args`, fairseq-eval-lm).
 
     python -c "from lmforge import config; from lmforge.fairseq_api.arguments import train_args; \
-print(train_args(config.default_config(), 'data-bin', 'checkpoints'))"
+               print(train_args(config.load('pipelines/configs/tiny.yaml'), 'DATA', 'CKPT'))"
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lmforge import tasks
 from lmforge.config import RunConfig
 from lmforge.training.distributed import Placement
 
-__all__ = ["PRECISION_FLAGS", "Placement", "eval_lm_args", "option_args", "train_args"]
+__all__ = ["PRECISION_FLAGS", "Placement", "option_args", "train_args"]
 
 
 def option_args(options: dict[str, Any]) -> list[str]:
@@ -47,20 +51,19 @@ PRECISION_FLAGS = {
 
 def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placement = Placement()) -> list[str]:
     """fairseq-train arguments for one process of the job."""
-    t, m = cfg.train, cfg.model
+    t, m, task = cfg.train, cfg.model, tasks.get(cfg.task)
+    criterion = task.criterion(cfg)
     args = [
         data_dir,
-        "--task", "language_modeling",
+        *task.train_args(cfg),
         "--arch", m.arch,
-        "--criterion", m.criterion,
+        "--criterion", criterion,
         "--optimizer", t.optimizer,
         "--lr", str(t.lr),
         "--lr-scheduler", t.lr_scheduler,
         "--weight-decay", str(t.weight_decay),
         "--dropout", str(t.dropout),
         "--clip-norm", str(t.clip_norm),
-        "--tokens-per-sample", str(t.tokens_per_sample),
-        "--sample-break-mode", t.sample_break_mode,
         "--max-tokens", str(t.max_tokens),
         "--update-freq", str(t.update_freq),
         "--max-epoch", str(t.max_epoch),
@@ -103,31 +106,10 @@ def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placemen
             "--distributed-no-spawn",
             "--distributed-backend", placement.backend,
         ]
-    if "ddp_backend" not in t.extra_args and (m.criterion == "adaptive_loss" or
+    if "ddp_backend" not in t.extra_args and (criterion == "adaptive_loss" or
                                               (placement.world_size > 1 and not placement.cuda)):
         # pytorch_ddp hands device_ids to DDP, which fails for CPU modules; fairseq's
         # adaptive_loss refuses pytorch_ddp outright, even for a single process.
         args += ["--ddp-backend", "legacy_ddp"]
     return args + option_args(m.options) + option_args(t.extra_args)
 
-
-def eval_lm_args(
-    cfg: RunConfig, data_dir: str, checkpoint: str, *, split: str | None = None, cuda: bool = False
-) -> list[str]:
-    """fairseq-eval-lm arguments scoring `split` with the config's evaluation settings."""
-    e = cfg.evaluate
-    args = [
-        data_dir,
-        "--task", "language_modeling",
-        "--path", checkpoint,
-        "--gen-subset", split or e.split,
-        "--tokens-per-sample", str(e.tokens_per_sample or cfg.train.tokens_per_sample),
-        "--context-window", str(e.context_window),
-        "--max-tokens", str(e.max_tokens),
-        "--sample-break-mode", "none",
-        "--log-format", "json",
-        "--skip-invalid-size-inputs-valid-test",
-    ]
-    if not cuda:
-        args.append("--cpu")
-    return args

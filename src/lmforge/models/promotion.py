@@ -1,13 +1,15 @@
 """The promotion gate: which registered version people get under the `champion` alias.
 
-In: a new model version's evaluation identity and perplexity (version tags written by
+In: a new model version's evaluation identity and gate metric (version tags written by
 `lmforge.models.register`), and the current champion's. Out: the alias the version takes,
 `champion` or `challenger`, and a one-line reason, written as version tags.
 
 The rule (`decide`, a pure function): the first version of a name becomes champion; a
-later one takes champion only if its perplexity is strictly lower than the champion's on
-an identical evaluation identity (same dictionary, same scored split, same settings);
+later one takes champion only if its gate metric strictly beats the champion's on an
+identical evaluation identity (same dictionary, same scored split, same settings);
 otherwise it becomes challenger, tagged "worse: ..." or "not comparable ...: differs in ...".
+Which metric and which way is better is the version's training task's (`lmforge.tasks`; its
+`task` tag, language_modeling for versions without one): perplexity, lower is better.
 
 Concurrent registrations are decided one at a time, in version order: MLflow hands out
 version numbers atomically and each version is created already tagged "pending"; a
@@ -33,7 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.config.validation import alias_problem
+from lmforge import tasks
 from lmforge.errors import LmforgeError
+from lmforge.tasks.base import GateMetric
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 # Version tags written by lmforge.models.register (lineage) and read here.
 TAG_IDENTITY = "eval_identity"  # sha256 of the identity's canonical JSON
 TAG_IDENTITY_JSON = "eval_identity_json"
-TAG_PERPLEXITY = "eval_perplexity"
 TAG_CHECKPOINT = "checkpoint_sha256"
+TAG_TASK = "task"  # the training task; its gate metric's tag holds the number compared
 # Written by the gate and by overrides.
 TAG_GATE = "lmforge.gate"  # "pending" from creation until decided, then "decided"
 TAG_DECISION = "lmforge.promotion"  # champion | challenger
@@ -59,11 +63,11 @@ PENDING_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class Candidate:
-    """A model version as the gate sees it; identity/perplexity None when the tags are absent."""
+    """A model version as the gate sees it; identity/value None when the tags are absent."""
 
     version: str
     identity: dict[str, Any] | None
-    perplexity: float | None
+    value: float | None  # the gate metric
 
 
 @dataclass(frozen=True)
@@ -86,23 +90,26 @@ def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     ]
 
 
-def decide(candidate: Candidate, champion: Candidate | None) -> Decision:
-    """Champion or challenger for `candidate`, given the current champion (None: there is none)."""
+def decide(candidate: Candidate, champion: Candidate | None, metric: GateMetric) -> Decision:
+    """Champion or challenger for `candidate`, given the current champion (None: there is none)
+    and the task's gate metric."""
     if champion is None:
         return Decision(CHAMPION, "first model for this name")
-    if champion.identity is None or champion.perplexity is None:
+    if champion.identity is None or champion.value is None:
         return Decision(CHALLENGER, f"not comparable: champion v{champion.version} has no evaluation identity")
-    if candidate.identity is None or candidate.perplexity is None:
+    if candidate.identity is None or candidate.value is None:
         return Decision(CHALLENGER, "not comparable: this version has no evaluation identity")
     differences = identity_differences(candidate.identity, champion.identity)
     if differences:
         return Decision(
             CHALLENGER, f"not comparable with champion v{champion.version}: differs in " + ", ".join(differences)
         )
-    ours, theirs = _fmt(candidate.perplexity), _fmt(champion.perplexity)
-    if candidate.perplexity < champion.perplexity:  # NaN compares False: never promoted
-        return Decision(CHAMPION, f"better: perplexity {ours} beats champion v{champion.version}'s {theirs}")
-    return Decision(CHALLENGER, f"worse: perplexity {ours} does not beat champion v{champion.version}'s {theirs}")
+    ours, theirs = _fmt(candidate.value), _fmt(champion.value)
+    if metric.beats(candidate.value, champion.value):  # NaN never beats: never promoted
+        return Decision(CHAMPION, f"better: {metric.name} {ours} beats champion v{champion.version}'s {theirs}")
+    return Decision(
+        CHALLENGER, f"worse: {metric.name} {ours} does not beat champion v{champion.version}'s {theirs}"
+    )
 
 
 def _fmt(value: float) -> str:
@@ -112,8 +119,13 @@ def _fmt(value: float) -> str:
 # --------------------------------------------------------------------------- MLflow I/O
 
 
-def candidate_of(version: Any) -> Candidate:
-    """A Candidate from an MLflow ModelVersion's tags."""
+def gate_metric_of(version: Any) -> GateMetric:
+    """The gate metric of a ModelVersion's task (versions registered before the tag: language modeling)."""
+    return tasks.get((version.tags or {}).get(TAG_TASK) or tasks.DEFAULT).gate_metric
+
+
+def candidate_of(version: Any, metric: GateMetric) -> Candidate:
+    """A Candidate from an MLflow ModelVersion's tags, its value the `metric`'s tag."""
     tags = version.tags or {}
     identity = None
     if tags.get(TAG_IDENTITY_JSON):
@@ -122,10 +134,10 @@ def candidate_of(version: Any) -> Candidate:
         except ValueError:
             identity = None
     try:
-        perplexity = float(tags[TAG_PERPLEXITY]) if tags.get(TAG_PERPLEXITY) else None
+        value = float(tags[metric.tag]) if tags.get(metric.tag) else None
     except ValueError:
-        perplexity = None
-    return Candidate(str(version.version), identity, perplexity)
+        value = None
+    return Candidate(str(version.version), identity, value)
 
 
 def alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -169,7 +181,10 @@ def run_gate(
         # A retried registration that got as far as the alias: keep it, finish the tags.
         current, decision = None, Decision(CHAMPION, (mv.tags or {}).get(TAG_REASON) or "first model for this name")
     else:
-        decision = decide(candidate_of(mv), candidate_of(current) if current is not None else None)
+        metric = gate_metric_of(mv)  # the champion is read by the candidate's metric: one yardstick
+        decision = decide(
+            candidate_of(mv, metric), candidate_of(current, metric) if current is not None else None, metric
+        )
     alias = champion_alias if decision.role == CHAMPION else challenger_alias
     client.set_model_version_tag(name, version, TAG_DECISION, decision.role)
     client.set_model_version_tag(name, version, TAG_REASON, decision.reason)
@@ -240,7 +255,8 @@ def promote(
 
 
 def describe_versions(client: Any, name: str) -> list[dict[str, str]]:
-    """One row per version of `name`, newest first: aliases, perplexity, identity, decision, notes."""
+    """One row per version of `name`, newest first: aliases, gate metric ("perplexity" for language
+    models), identity, decision, notes."""
     model = require_model(client, name)
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
@@ -251,7 +267,7 @@ def describe_versions(client: Any, name: str) -> list[dict[str, str]]:
         rows.append({
             "version": str(mv.version),
             "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-            "perplexity": tags.get(TAG_PERPLEXITY, ""),
+            "perplexity": tags.get(gate_metric_of(mv).tag, ""),
             "identity": tags.get(TAG_IDENTITY, "")[:12],
             "decision": tags.get(TAG_DECISION, ""),
             "reason": tags.get(TAG_REASON, ""),

@@ -1,16 +1,19 @@
-"""Register a trained fairseq language model in the MLflow model registry, through the gate.
+"""Register a trained fairseq model in the MLflow model registry, through the gate.
 
-In:  a fairseq checkpoint (.pt), the data-bin it was trained on (``dict.txt`` and the
-     tokenizer files), the evaluation of it (`lmforge.models.evaluate`: perplexity and identity),
-     the MLflow tracking URI and the pipeline's MLflow run, a registered-model name, the
+In:  the training task (`lmforge.tasks`; language_modeling by default), a fairseq checkpoint
+     (.pt), the data-bin it was trained on (``dict.txt`` and the tokenizer files), the
+     evaluation of it (`lmforge.models.evaluate`: the task's gate metric and identity), the
+     MLflow tracking URI and the pipeline's MLflow run, a registered-model name, the
      champion/challenger aliases and the caller's lineage tags (corpus_sha256, config_hash,
      pipeline_run_id, ...).
-Out: a version of the registered model, an MLflow pyfunc model
-     (`lmforge.models.scoring.FairseqLanguageModel`) logged in that run with a signature, an input
+Out: a version of the registered model, the task's MLflow pyfunc model (language modeling:
+     `lmforge.models.scoring.FairseqLanguageModel`) logged in that run with a signature, an input
      example and pinned serving requirements, carrying the lineage tags (plus the ones
-     computed here: checkpoint, dict and tokenizer sha256, data-bin digest, package version,
-     evaluation identity and perplexity) and a description; `lmforge.promotion` then gives it
-     the champion or challenger alias. Returns ``{"model_uri": "models:/NAME@ALIAS",
+     computed here: task, checkpoint, dict and tokenizer sha256, data-bin digest, package
+     version, evaluation identity and gate metric) and a description; `lmforge.models.promotion`
+     then gives it the champion or challenger alias. The pipeline's run is left RUNNING
+     (`lmforge.tracking.step_run`): the register step, not this function, ends it.
+     Returns ``{"model_uri": "models:/NAME@ALIAS",
      "version": "N", "run_id", "alias", "reason", "created"}``.
 
     lmforge register --config pipelines/configs/tiny.yaml \\
@@ -28,16 +31,16 @@ The model loads wherever lmforge is installed (the pickled model refers to
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from lmforge.config.validation import alias_problems
+from lmforge import tasks, tracking
 from lmforge.errors import LmforgeError
+from lmforge.io.hashing import file_sha256
 
 #: Distributions the serving process needs, pinned to the versions installed here.
 #: fairseq's wheel is published as ve-fairseq; cloudpickle must match to unpickle the model.
@@ -77,8 +80,6 @@ def data_bin_digest(data_bin: Path) -> str:
     """
     import hashlib
 
-    from lmforge.io.hashing import file_sha256
-
     lines = [
         f"{path.relative_to(data_bin).as_posix()} {file_sha256(path)}\n"
         for path in sorted(data_bin.rglob("*"))
@@ -89,13 +90,16 @@ def data_bin_digest(data_bin: Path) -> str:
 
 def lineage_tags(
     *, checkpoint: Path, dict_path: Path, tokenizer: Any, data_bin: Path | None, evaluation: dict | None,
+    task: str = tasks.DEFAULT,
 ) -> dict[str, str]:
     """The tags lmforge computes itself: what the model is made of and how it was evaluated."""
     from lmforge import __version__
-    from lmforge.io.hashing import file_sha256
-    from lmforge.models.promotion import TAG_CHECKPOINT, TAG_IDENTITY, TAG_IDENTITY_JSON, TAG_PERPLEXITY
+    from lmforge.models.evaluate import identity_sha256
+    from lmforge.models.promotion import TAG_CHECKPOINT, TAG_IDENTITY, TAG_IDENTITY_JSON, TAG_TASK
 
+    metric = tasks.get(task).gate_metric
     tags = {
+        TAG_TASK: task,
         TAG_CHECKPOINT: file_sha256(checkpoint),
         "dict_sha256": file_sha256(dict_path),
         "tokenizer_kind": tokenizer.kind,
@@ -106,17 +110,11 @@ def lineage_tags(
         tags["data_bin_digest"] = data_bin_digest(data_bin)
     if evaluation is not None:
         identity = evaluation["identity"]
-        tags[TAG_IDENTITY] = evaluation.get("identity_sha256") or _identity_sha256(identity)
+        tags[TAG_IDENTITY] = evaluation.get("identity_sha256") or identity_sha256(identity)
         tags[TAG_IDENTITY_JSON] = json.dumps(identity, sort_keys=True)
-        tags[TAG_PERPLEXITY] = repr(float(evaluation["perplexity"]))
-        tags[f"{identity['split']}_perplexity"] = f"{float(evaluation['perplexity']):.6g}"
+        tags[metric.tag] = repr(float(evaluation[metric.name]))
+        tags[f"{identity['split']}_{metric.name}"] = f"{float(evaluation[metric.name]):.6g}"
     return tags
-
-
-def _identity_sha256(identity: dict) -> str:
-    from lmforge.models.evaluate import identity_sha256
-
-    return identity_sha256(identity)
 
 
 def register_model(
@@ -132,11 +130,13 @@ def register_model(
     challenger_alias: str = "challenger",
     data_bin: str | Path | None = None,
     gate_timeout_s: float | None = None,
+    task: str = tasks.DEFAULT,
 ) -> dict:
     """Log the checkpoint as a pyfunc model in run `run_id`, register it, and pass it through the
     promotion gate (`lmforge.promotion`): it takes `alias` (champion) or `challenger_alias`.
 
-    `evaluation` is `lmforge.models.evaluate.evaluate`'s result (perplexity and identity); without it
+    `task` names the training task (`lmforge.tasks`): it decides the pyfunc and the gate metric.
+    `evaluation` is `lmforge.models.evaluate.evaluate`'s result (gate metric and identity); without it
     the version is not comparable and becomes challenger unless it is the first. `data_bin`
     (default: the dictionary's directory) holds the tokenizer files and is digested. A
     checkpoint already registered under `model_name` (same sha256) is not registered again:
@@ -144,11 +144,12 @@ def register_model(
     "alias", "reason", "created"}.
     """
     checkpoint, dict_path = _local_path(checkpoint), _local_path(dict_path)
+    training_task = tasks.get(task)
     # Every check a user can act on comes before anything is written to MLflow.
     if not checkpoint.is_file():
         raise LmforgeError(f"checkpoint {checkpoint} does not exist; pass --checkpoint with a fairseq .pt file")
     if dict_path.is_dir():
-        dict_path = dict_path / "dict.txt"
+        dict_path = dict_path / training_task.dictionary
     if not dict_path.is_file():
         raise LmforgeError(
             f"checkpoint without its dictionary: {dict_path} does not exist; "
@@ -180,7 +181,8 @@ def register_model(
 
     tokenizer = load_tokenizer(data_bin)
     computed = lineage_tags(
-        checkpoint=checkpoint, dict_path=dict_path, tokenizer=tokenizer, data_bin=data_bin, evaluation=evaluation
+        checkpoint=checkpoint, dict_path=dict_path, tokenizer=tokenizer, data_bin=data_bin, evaluation=evaluation,
+        task=task,
     )
     all_tags = {**{k: str(v) for k, v in tags.items()}, **computed}
     gate = {"champion_alias": alias, "challenger_alias": challenger_alias}
@@ -192,7 +194,7 @@ def register_model(
         decision = promotion.run_gate(client, model_name, str(existing.version), **gate)
         return _result(model_name, existing.version, existing.run_id, decision, alias, challenger_alias, created=False)
 
-    from lmforge.models.scoring import EXAMPLE_TEXTS, FairseqLanguageModel, input_example, model_signature
+    pyfunc = training_task.pyfunc()
 
     with tempfile.TemporaryDirectory(prefix="lmforge-register-") as tmp:
         staged = Path(tmp)
@@ -207,21 +209,21 @@ def register_model(
             (tokenizer_dir / TOKENIZER_MANIFEST).write_text(
                 json.dumps({"kind": tokenizer.kind, "model": None, "sha256": None}) + "\n"
             )
-        _check_loads(staged / "model.pt", staged / "dict.txt", tokenizer_dir, checkpoint, dict_path, EXAMPLE_TEXTS)
+        _check_loads(pyfunc, staged, tokenizer_dir, checkpoint, dict_path)
 
-        # The fluent API logs into "the active run" on "the tracking URI": point both at the
-        # pipeline's, and put back what the caller had.
-        with _tracking_uri(mlflow, tracking_uri), _in_run(mlflow, client, run):
+        # The fluent API logs into "the active run" on "the tracking URI": both point at the
+        # pipeline's for this block, and the run is left RUNNING (the register step ends it).
+        with tracking.step_run(tracking_uri, run_id, "register"):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=FairseqLanguageModel(),
+                python_model=pyfunc.python_model,
                 artifacts={
                     "checkpoint": str(staged / "model.pt"),
                     "dict": str(staged / "dict.txt"),
                     "tokenizer": str(tokenizer_dir),
                 },
-                signature=model_signature(),
-                input_example=input_example(),
+                signature=pyfunc.signature,
+                input_example=pyfunc.input_example,
                 pip_requirements=serving_requirements(),
                 tags=all_tags,
             )
@@ -230,15 +232,18 @@ def register_model(
                 info.model_uri, model_name, tags={**all_tags, promotion.TAG_GATE: "pending"}
             ).version
 
-    client.update_model_version(model_name, version, description=_description(arch, run_id, evaluation))
+    description = f"fairseq {arch} {training_task.title} from MLflow run {run_id}; {pyfunc.summary}"
+    if evaluation is not None:
+        description += " " + training_task.evaluation_note(evaluation)
+    client.update_model_version(model_name, version, description=description)
     if not client.get_registered_model(model_name).description:
         client.update_registered_model(
             model_name,
             description=(
-                "fairseq language models trained by lmforge. Aliases: "
-                f"'{alias}' is the best version on a comparable evaluation, '{challenger_alias}' the latest "
-                "that did not beat it (see each version's lmforge.promotion_reason tag). "
-                "predict() takes texts and returns log_prob, tokens, perplexity and eos_log_prob."
+                f"fairseq {training_task.title}s trained by lmforge. Aliases: "
+                f"'{alias}' is the best version on a comparable evaluation ({training_task.gate_metric.name}), "
+                f"'{challenger_alias}' the latest that did not beat it (see each version's "
+                f"lmforge.promotion_reason tag). {pyfunc.summary}"
             ),
         )
     decision = promotion.run_gate(client, model_name, str(version), **gate)
@@ -264,24 +269,6 @@ def _version_with_checkpoint(client, name: str, sha256: str):
 
     found = client.search_model_versions(f"name = '{name}' and tags.{TAG_CHECKPOINT} = '{sha256}'")
     return min(found, key=lambda v: int(v.version)) if found else None
-
-
-def _description(arch: str, run_id: str, evaluation: dict | None) -> str:
-    text = (
-        f"fairseq {arch} language model from MLflow run {run_id}; "
-        "predict() takes raw texts (a list of str, or a DataFrame with the texts in its first column) "
-        "and returns log_prob (natural log of the tokens, as fairseq's hub score() sums it), "
-        "tokens (tokens scored), perplexity and eos_log_prob (log p(</s> | text)); with the parameter "
-        "continuation_tokens=N also a sampled continuation (temperature, top_k, seed)."
-    )
-    if evaluation is not None:
-        identity = evaluation["identity"]
-        text += (
-            f" {identity.get('split')} perplexity {float(evaluation['perplexity']):.4g} "
-            f"(fairseq-eval-lm, tokens_per_sample {identity.get('tokens_per_sample')}, "
-            f"context_window {identity.get('context_window')}, identity {evaluation.get('identity_sha256', '')[:12]})."
-        )
-    return text
 
 
 def _local_path(value: str | Path) -> Path:
@@ -334,12 +321,10 @@ def _arch(state: dict) -> str:
     return str(name or "unknown-arch")
 
 
-def _check_loads(model_pt: Path, dict_txt: Path, tokenizer_dir: Path, checkpoint: Path, dict_path: Path, texts) -> None:
-    """Load the staged files the way the registered model will, and score `texts`."""
-    from lmforge.models.scoring import FairseqLanguageModel
-
+def _check_loads(pyfunc: Any, staged: Path, tokenizer_dir: Path, checkpoint: Path, dict_path: Path) -> None:
+    """Load the staged files the way the registered model will, and predict the input example."""
     try:
-        FairseqLanguageModel.from_files(model_pt, dict_txt, tokenizer_dir=tokenizer_dir).score_texts(list(texts))
+        pyfunc.check(staged / "model.pt", staged / "dict.txt", tokenizer_dir)
     except (RuntimeError, ValueError) as exc:
         # RuntimeError: load_state_dict's "size mismatch for decoder.embed_tokens.weight", the
         # dictionary has a different number of symbols than the model was trained with.
@@ -356,54 +341,3 @@ def _first_line(exc: BaseException) -> str:
         if line.strip() and not line.strip().startswith("Error(s) in loading"):
             return line.strip()[:200]
     return type(exc).__name__
-
-
-@contextlib.contextmanager
-def _tracking_uri(mlflow, uri: str):
-    """Use `uri` as the fluent API's tracking URI, then restore the caller's setting exactly.
-
-    mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, and
-    resetting it to "unset" deletes that variable, so the variable is saved and put back by
-    hand (mlflow's own private `_use_tracking_uri` would drop a caller's variable).
-    """
-    from mlflow.tracking._tracking_service import utils
-
-    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved_uri)
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
-
-
-class _in_run:
-    """Make `run` the active fluent run, leaving its status as it was.
-
-    `mlflow.start_run(run_id=...)` ends the run on exit (status FINISHED); the pipeline run
-    belongs to whoever opened it, so a run that was RUNNING is put back to RUNNING. When the
-    caller already has this run active, it is used as is.
-    """
-
-    def __init__(self, mlflow, client, run):
-        self.mlflow, self.client, self.run = mlflow, client, run
-        self.started = None
-
-    def __enter__(self):
-        active = self.mlflow.active_run()
-        if active is not None and active.info.run_id == self.run.info.run_id:
-            return active
-        # nested=True only when another run is active: the fluent API refuses a second run.
-        self.started = self.mlflow.start_run(run_id=self.run.info.run_id, nested=active is not None)
-        return self.started
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.started is None:
-            return False
-        self.mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
-        if self.run.info.status == "RUNNING":
-            self.client.update_run(self.run.info.run_id, status="RUNNING")
-        return False

@@ -48,13 +48,12 @@ def _absolute(location: str | Path) -> str:
 
 def data_problems(cfg: RunConfig, data_bin: str) -> list[str]:
     """What the data-bin lacks for this config (needs only listing it and reading dict.txt)."""
-    names = set(storage.list_files(data_bin))
+    from lmforge import tasks
+
+    names = storage.list_files(data_bin)
+    problems = tasks.get(cfg.task).data_problems(str(data_bin), names, ("train", "valid"))
     if "dict.txt" not in names:
-        return [f"{data_bin} has no dict.txt; point --data-bin at the preprocess step's output"]
-    problems = []
-    for split in ("train", "valid"):
-        if not {f"{split}.bin", f"{split}.idx"} <= names:
-            problems.append(f"{data_bin} has no {split}.bin/{split}.idx; preprocess the {split} split")
+        return problems
     cutoff = cfg.model.adaptive_softmax_cutoff()
     if cutoff:
         vocab = SPECIAL_SYMBOLS + sum(1 for line in storage.read_text(storage.join(data_bin, "dict.txt")).splitlines() if line.strip())
