@@ -30,13 +30,6 @@ needs_wikitext = pytest.mark.skipif(
 )
 
 
-def wikitext_or_skip() -> Path:
-    """WikiText-2's own folder, for a test about WikiText itself; a skip where it is absent."""
-    if not HAVE_WIKITEXT:
-        pytest.skip(f"WikiText-2 text not found at {WIKITEXT_DIR} (the shared data folder is absent)")
-    return WIKITEXT_DIR
-
-
 _session: dict[str, pytest.TempPathFactory] = {}
 
 
@@ -72,7 +65,7 @@ def write_corpus(dest: Path, train_lines: int | None = None) -> Path:
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 40k training tokens: enough for a model to learn something in seconds."""
+    """About 30k training tokens: enough for a model to learn something in seconds."""
     return write_corpus(tmp_path_factory.mktemp("corpus"), train_lines=600)
 
 
