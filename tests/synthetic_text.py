@@ -34,6 +34,18 @@ DETERMINERS = ["the", "a", "his", "its", "an", "their", "this", "her", "these", 
 PREPOSITIONS = ["of", "in", "to", "on", "for", "with", "by", "from", "at", "as", "after", "during", "into"]
 CONJUNCTIONS = ["and", "but", "while", "which", "where", "although"]
 AUXILIARIES = ["was", "is", "were", "had", "has", "would", "became", "remained"]
+# The most frequent words of each class are English (the tests' prompts, e.g. "the game was", are
+# then in the vocabulary); the rest are made up.
+ENGLISH = {
+    "noun": ["game", "album", "song", "season", "year", "city", "war", "team", "film", "church", "species", "river",
+             "army", "town", "school", "king", "station", "series", "book", "match", "ship", "battle", "island",
+             "road", "band", "house", "world", "family", "player", "state", "music", "record", "story", "name",
+             "area", "century", "group", "lobster", "cat", "mat"],
+    "verb": ["released", "played", "built", "recorded", "won", "described", "named", "called", "found", "began",
+             "made", "used", "took", "moved", "sat", "followed", "reached", "returned", "included", "received"],
+    "adj": ["first", "new", "European", "common", "large", "small", "British", "American", "early", "major",
+            "final", "original", "second", "local", "national", "several", "main", "other", "only", "united"],
+}
 # A few words outside ASCII, as WikiText has (names, the en dash of ranges).
 NON_ASCII = ["café", "Zürich", "São", "naïve", "Ōsaka", "Dvořák", "fiancée", "Kraków"]
 
@@ -58,8 +70,10 @@ class Zipf:
 
 
 def synthetic_words(kind: str, count: int, taken: set[str]) -> list[str]:
-    """`count` distinct made-up words of one class, shortest first: syllables, then the class's ending."""
-    words = []
+    """`count` distinct words of one class: its English ones, then made-up ones, shortest first (syllables,
+    then the class's ending)."""
+    words = list(ENGLISH[kind])
+    taken.update(words)
     for length in itertools.count(1):
         for syllables in itertools.product(SYLLABLES, repeat=length):
             stem = "".join(syllables)
