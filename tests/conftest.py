@@ -1,26 +1,58 @@
-"""Shared fixtures: real WikiText-2 text from ../shared/data, small corpora built from it."""
+"""Shared fixtures: text for every stage, and small corpora, models and stores built from it.
+
+The text is WikiText-2's valid and test splits from ../shared/data where that folder is present,
+and seeded WikiText-shaped text (tests/synthetic_text.py) where it is absent, as on a fresh clone:
+every stage runs either way. Only tests whose point is WikiText itself (catalog pins, published
+sizes and digests) carry `needs_wikitext` and skip without it. LMFORGE_TEST_SHARED_DATA names
+another shared data folder; a path that does not exist acts as a fresh clone:
+
+    LMFORGE_TEST_SHARED_DATA=/nonexistent PYTHONPATH=src .venv/bin/python -m pytest
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+import synthetic_text
+
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT_DIR = REPO.parent / "shared" / "data" / "wikitext-2"
+SHARED_DATA = Path(os.environ.get("LMFORGE_TEST_SHARED_DATA") or REPO.parent / "shared" / "data")
+WIKITEXT_DIR = SHARED_DATA / "wikitext-2"
+HAVE_WIKITEXT = (WIKITEXT_DIR / "valid.txt").is_file() and (WIKITEXT_DIR / "test.txt").is_file()
 VENV_BIN = Path(sys.executable).parent
 
+needs_wikitext = pytest.mark.skipif(
+    not HAVE_WIKITEXT, reason=f"checks WikiText-2 itself; its text is not at {WIKITEXT_DIR} (the shared data folder is absent)"
+)
 
-def wikitext_or_skip() -> Path:
-    if not (WIKITEXT_DIR / "valid.txt").is_file() or not (WIKITEXT_DIR / "test.txt").is_file():
-        pytest.skip(f"WikiText-2 text not found at {WIKITEXT_DIR} (the shared data folder is absent)")
-    return WIKITEXT_DIR
+
+_session: dict[str, pytest.TempPathFactory] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_for_generated_text(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Lets corpus_text() write the generated text under this session's temporary folder."""
+    _session["tmp"] = tmp_path_factory
+
+
+def corpus_text() -> Path:
+    """A folder with valid.txt and test.txt: WikiText-2's where the shared data is present, else the
+    generated stand-in of the same line counts (written once per session)."""
+    if HAVE_WIKITEXT:
+        return WIKITEXT_DIR
+    dest = _session["tmp"].getbasetemp() / "generated-text"
+    if not (dest / "test.txt").is_file():  # written after valid.txt
+        synthetic_text.write_splits(dest)
+    return dest
 
 
 def write_corpus(dest: Path, train_lines: int | None = None) -> Path:
-    """train = WikiText-2 valid (optionally its first lines), valid/test = the two halves of WikiText-2 test."""
-    source = wikitext_or_skip()
+    """train = valid.txt (optionally its first lines), valid/test = the two halves of test.txt (corpus_text())."""
+    source = corpus_text()
     dest.mkdir(parents=True, exist_ok=True)
     valid = (source / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
     test = (source / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -33,7 +65,7 @@ def write_corpus(dest: Path, train_lines: int | None = None) -> Path:
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 40k training tokens: enough for a model to learn something in seconds."""
+    """About 30k training tokens: enough for a model to learn something in seconds."""
     return write_corpus(tmp_path_factory.mktemp("corpus"), train_lines=600)
 
 
@@ -95,11 +127,11 @@ def run_checked(cmd: list, timeout: int = 300) -> str:
 
 def train_tiny_lm(base: Path) -> TinyLM:
     """Train a tiny transformer LM for real under `base`: fairseq-preprocess + fairseq-train on
-    300 WikiText-2 lines, 5 updates, CPU (once: a second caller finds it done)."""
+    300 lines of corpus_text(), 5 updates, CPU (once: a second caller finds it done)."""
     lm = TinyLM(base / "ckpt" / "checkpoint_last.pt", base / "data-bin" / "dict.txt", base / "data-bin")
     if (base / "done").exists():
         return lm
-    valid = wikitext_or_skip() / "valid.txt"
+    valid = corpus_text() / "valid.txt"
     base.mkdir(parents=True, exist_ok=True)
     lines = valid.read_text(encoding="utf-8").splitlines(keepends=True)
     (base / "train.txt").write_text("".join(lines[:300]), encoding="utf-8")
@@ -222,10 +254,10 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def fast_data_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """train: 400 WikiText-2 lines (~20k tokens); valid and test: 40 lines each."""
+    """train: 400 lines of corpus_text() (~20k tokens); valid and test: 40 lines each."""
     from lmforge.data.preprocess import preprocess
 
-    lines = (wikitext_or_skip() / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = (corpus_text() / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
     corpus = tmp_path_factory.mktemp("fast-corpus")
     (corpus / "train.txt").write_text("".join(lines[:400]), encoding="utf-8")
     (corpus / "valid.txt").write_text("".join(lines[400:440]), encoding="utf-8")

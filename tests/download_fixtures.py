@@ -24,18 +24,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WIKITEXT_DIR as DATA
+from conftest import corpus_text
 
 FAST = {"retries": 3, "backoff_s": 0.01, "timeout_s": 5.0}
 
 @pytest.fixture(scope="module")
 def splits() -> dict[str, bytes]:
-    """Small real splits: all of valid.txt as train (its counts are published), slices of test.txt."""
-    if not (DATA / "valid.txt").is_file() or not (DATA / "test.txt").is_file():
-        pytest.skip(f"WikiText-2 sample data not found at {DATA} (see shared/data/README.md)")
-    test_lines = (DATA / "test.txt").read_bytes().splitlines(keepends=True)
+    """Small splits: all of valid.txt as train (WikiText-2's counts are published), slices of test.txt;
+    WikiText-2 from ../shared/data, or its generated stand-in where that is absent (conftest.corpus_text)."""
+    data = corpus_text()
+    test_lines = (data / "test.txt").read_bytes().splitlines(keepends=True)
     return {
-        "train": (DATA / "valid.txt").read_bytes(),
+        "train": (data / "valid.txt").read_bytes(),
         "valid": b"".join(test_lines[:300]),
         "test": b"".join(test_lines[300:600]),
     }

@@ -70,7 +70,9 @@ def test_unknown_config_key(tmp_path):
 
 
 def test_unknown_architecture(tmp_path):
-    result = lmforge("run", "--config", str(TINY), "--set", "model.arch=transformer_llm", "--set", f"storage.root={tmp_path}")
+    corpus = write_corpus(tmp_path / "corpus", train_lines=50)  # the tiny config's own source may be absent
+    result = lmforge("run", "--config", str(TINY), "--corpus", str(corpus), "--set", "model.arch=transformer_llm",
+                     "--set", f"storage.root={tmp_path}")
     assert_one_line_error(result, 2, "model.arch", "transformer_llm")
     assert_nothing_registered(tmp_path)
 

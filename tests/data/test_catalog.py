@@ -18,7 +18,7 @@ from lmforge.data.catalog import CATALOG, CatalogEntry, format_catalog, list_cor
 from lmforge.data.download import Unreachable, download_corpus
 from lmforge.errors import IntegrityError, LmforgeError
 
-from conftest import WIKITEXT_DIR
+from conftest import WIKITEXT_DIR, corpus_text
 
 README = WIKITEXT_DIR.parent / "README.md"
 OFFLINE = "offline? pass a local corpus with --corpus DIR (train.txt, valid.txt, test.txt)"
@@ -91,9 +91,7 @@ def test_unreachable_message_is_one_line():
 
 @pytest.fixture(scope="module")
 def splits() -> dict[str, bytes]:
-    data = WIKITEXT_DIR
-    if not (data / "valid.txt").is_file():
-        pytest.skip("shared WikiText-2 data not found")
+    data = corpus_text()
     test_lines = (data / "test.txt").read_bytes().splitlines(keepends=True)
     return {"train": (data / "valid.txt").read_bytes(), "valid": b"".join(test_lines[:200]), "test": b"".join(test_lines[200:400])}
 

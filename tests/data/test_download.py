@@ -19,10 +19,13 @@ from download_fixtures import (  # noqa: F401 (server, splits, wikitext_zip: fix
 from lmforge.data.download import download_corpus
 from lmforge.errors import IntegrityError, LmforgeError
 
+from conftest import needs_wikitext
+
 
 # ------------------------------------------------------------------ happy paths
 
 
+@needs_wikitext  # ends on WikiText-2's published counts
 def test_http_zip_pinned_official_layout(server, splits, wikitext_zip, tmp_path):
     server.files["/wikitext-2-v1.zip"] = wikitext_zip
     dest = tmp_path / "corpus"

@@ -24,7 +24,7 @@ from lmforge.data.preprocess import preprocess
 from lmforge.data.tokenization import load_tokenizer
 from lmforge.errors import LmforgeError
 
-from conftest import WIKITEXT_DIR as WIKITEXT
+from conftest import corpus_text
 FAIRSEQ_PREPROCESS = Path(sys.executable).with_name("fairseq-preprocess")
 FAIRSEQ_FILES = ("dict.txt",) + tuple(f"{s}.{e}" for s in SPLITS for e in ("bin", "idx"))
 
@@ -190,10 +190,8 @@ def big_vocab_train(n_types: int = 70_000) -> str:
 
 @pytest.fixture(scope="module")
 def wikitext_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (WIKITEXT / "valid.txt").is_file() or not (WIKITEXT / "test.txt").is_file():
-        pytest.skip(f"WikiText-2 text not found under {WIKITEXT} (valid.txt, test.txt)")
-    valid = (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
-    test = (WIKITEXT / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    valid = (corpus_text() / "valid.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    test = (corpus_text() / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
     return write_corpus(
         tmp_path_factory.mktemp("wikitext") / "corpus",
         train="".join(valid[:1200]), valid="".join(valid[1200:1400]), test="".join(test[:300]),
@@ -257,12 +255,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory, edge_corpus: Path, big_v
         "tiny": (tiny_corpus, {}),
     }
     cases |= {f"big-{k}": (big_vocab_corpus, opts) for k, (opts, _) in BIG_VOCAB_OPTIONS.items()}
-    if (WIKITEXT / "valid.txt").is_file() and (WIKITEXT / "test.txt").is_file():
-        corpus = request.getfixturevalue("wikitext_corpus")
-        cases |= {f"wikitext-{k}": (corpus, opts) for k, opts in WIKITEXT_OPTIONS.items()}
-        cases["wikitext-none"] = (corpus, {"workers": 2})
-        for name, data_bin in request.getfixturevalue("tokenized").items():
-            cases[f"wikitext-{name}"] = (encode_corpus(corpus, data_bin, root / f"{name}-text"), {})
+    corpus = request.getfixturevalue("wikitext_corpus")
+    cases |= {f"wikitext-{k}": (corpus, opts) for k, opts in WIKITEXT_OPTIONS.items()}
+    cases["wikitext-none"] = (corpus, {"workers": 2})
+    for name, data_bin in request.getfixturevalue("tokenized").items():
+        cases[f"wikitext-{name}"] = (encode_corpus(corpus, data_bin, root / f"{name}-text"), {})
     ref = FairseqReference(root, {name: fairseq_args(corpus, root / name, **opts)
                                   for name, (corpus, opts) in cases.items()})
     yield ref

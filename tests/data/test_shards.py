@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wikitext_or_skip
+from conftest import corpus_text
 from lmforge.errors import LmforgeError
 from lmforge.data.shards import Shard, iter_text_blocks, plan_shards, split_offsets
 
@@ -57,7 +57,7 @@ def test_offsets_are_fairseqs_find_offsets(name: str, tmp_path: Path) -> None:
 
 
 def test_offsets_on_wikitext(tmp_path: Path) -> None:
-    path = wikitext_or_skip() / "test.txt"
+    path = corpus_text() / "test.txt"
     for n in (1, 2, 3, 7, 64):
         assert split_offsets(path, n) == FAIRSEQ.find_offsets(str(path), n), n
 

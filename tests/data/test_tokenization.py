@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wikitext_or_skip
+from conftest import corpus_text
 from lmforge.errors import LmforgeError
 from lmforge.data.tokenization import (
     MODEL_FILES,
@@ -32,7 +32,7 @@ TRAINED = [("bpe", "bpe"), ("sentencepiece", "bpe"), ("sentencepiece", "unigram"
 
 @pytest.fixture(scope="module")
 def lines() -> list[str]:
-    return (wikitext_or_skip() / "valid.txt").read_text(encoding="utf-8").split("\n")[:1500]
+    return (corpus_text() / "valid.txt").read_text(encoding="utf-8").split("\n")[:1500]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_CONFIG, VENV_BIN, wikitext_or_skip
+from conftest import TINY_CONFIG, VENV_BIN, corpus_text
 from lmforge import config
 from lmforge.errors import LmforgeError
 from lmforge.models.evaluate import evaluate, identity_sha256
@@ -53,7 +53,7 @@ def binarize(dict_txt: Path, texts: dict[str, str], dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def eval_bin(small_data_bin, tmp_path_factory) -> Path:
-    lines = (wikitext_or_skip() / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = (corpus_text() / "test.txt").read_text(encoding="utf-8").splitlines(keepends=True)
     texts = {"test": "".join(lines[-150:]), "valid": "".join(lines[:150])}
     return binarize(small_data_bin / "dict.txt", texts, tmp_path_factory.mktemp("eval") / "data-bin")
 

@@ -56,11 +56,19 @@ def test_the_revision_label_is_the_checkouts_commit(tmp_path) -> None:
 
 @pytest.mark.parametrize("role", sorted(image_build.ROLES))
 def test_build_context_holds_the_package_and_nothing_else(role) -> None:
+    from docker.utils.build import exclude_paths
+
     dockerfile = image_build.ROLES[role][0]
-    data = image_build.context_bytes(REPO, dockerfile)
+    stream = image_build.build_context(REPO, dockerfile)  # the tar build_images hands the engine
+    try:
+        data = stream.read()
+    finally:
+        stream.close()
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         names = {m.name for m in archive.getmembers() if m.isfile()}
-    assert names == set(image_build.context_files(REPO, dockerfile))
+    # The files the Docker CLI itself would send: the .dockerignore rules as docker-py reads them.
+    selected = exclude_paths(str(REPO), image_build.dockerignore_patterns(REPO), dockerfile=dockerfile)
+    assert names == {p for p in selected if (REPO / p).is_file()}
     assert {dockerfile, "pyproject.toml", "requirements.lock", "README.md", "src/lmforge/__init__.py",
             "src/lmforge/cli.py", "src/lmforge/configs/wikitext-2.yaml"} <= names
     allowed = ("src/", "pyproject.toml", "requirements.lock", "README.md", "LICENSE", ".dockerignore", dockerfile)

@@ -83,14 +83,6 @@ def dockerignore_patterns(root: Path) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def context_files(root: Path, dockerfile: str) -> list[str]:
-    """The files (relative paths) the build context holds: .dockerignore applied, the Dockerfile kept."""
-    from docker.utils.build import exclude_paths
-
-    paths = exclude_paths(str(root), dockerignore_patterns(root), dockerfile=dockerfile)
-    return sorted(p for p in paths if (root / p).is_file())
-
-
 def build_context(root: Path, dockerfile: str) -> IO[bytes]:
     """The build context as the uncompressed tar the engine receives."""
     from docker.utils.build import tar
@@ -157,12 +149,3 @@ def _push(client: Any, tag: str, api_error: type[Exception]) -> None:
                 raise LmforgeError(f"pushing {tag} failed: {line['error']}; log in with `docker login`")
     except api_error as exc:
         raise LmforgeError(f"pushing {tag} failed: {exc}") from None
-
-
-def context_bytes(root: Path, dockerfile: str) -> bytes:
-    """The context tar's bytes (for inspection)."""
-    stream = build_context(root, dockerfile)
-    try:
-        return stream.read()
-    finally:
-        stream.close()
