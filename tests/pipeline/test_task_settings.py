@@ -81,8 +81,6 @@ def test_step_pod_requests_the_steps_resources_or_the_default(compile_one):
     assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == ("250m", "512Mi")
 
 
-@pytest.mark.xfail(strict=True, reason="kfp-kubernetes' add_toleration_json reads 'toleration_seconds', while "
-                   "cluster.tolerations documents the pod spec's 'tolerationSeconds': step_pod drops it")
 def test_toleration_seconds_reach_the_pod(compile_one):
     evicting = replace(CLUSTER, tolerations=[{"key": "spot", "operator": "Exists", "effect": "NoExecute",
                                               "tolerationSeconds": 60}])

@@ -62,8 +62,11 @@ def step_pod(task: PipelineTask, cluster: ClusterConfig | None, step: str) -> Pi
         task.set_memory_request(str(memory))
     for key, value in sorted(cluster.node_selector.items()):
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    for toleration in cluster.tolerations:
-        kubernetes.add_toleration_json(task, dict(toleration))
+    for t in cluster.tolerations:
+        # add_toleration, not add_toleration_json: the latter reads 'toleration_seconds' and silently
+        # drops the pod spec's 'tolerationSeconds', the key cluster.tolerations documents.
+        kubernetes.add_toleration(task, key=t.get("key"), operator=t.get("operator"), value=t.get("value"),
+                                  effect=t.get("effect"), toleration_seconds=t.get("tolerationSeconds"))
     return task
 
 
