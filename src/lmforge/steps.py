@@ -148,9 +148,7 @@ def download(download_json: str) -> DownloadOutputs:
     remote = storage.is_remote(out)
     if remote and storage.exists(storage.join(out, "manifest.json")):
         # Another run (or an earlier attempt of this one) published it: manifest.json is uploaded last.
-        with tempfile.TemporaryDirectory() as tmp:
-            storage.get_file(storage.join(out, "manifest.json"), Path(tmp) / "manifest.json")
-            manifest = json.loads((Path(tmp) / "manifest.json").read_text())
+        manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
         log.info("corpus already in %s (sha256 %s)", out, manifest["sha256"])
         return DownloadOutputs(out, manifest["sha256"])
     local_out = scratch_dir("corpus") / key if remote else Path(out)
@@ -160,9 +158,7 @@ def download(download_json: str) -> DownloadOutputs:
         members=dict(cfg.corpus.members), cache_dir=cache,
     )
     if remote:
-        for name in sorted(p.name for p in local_out.iterdir() if p.name != "manifest.json"):
-            storage.put_file(local_out / name, storage.join(out, name))
-        storage.put_file(local_out / "manifest.json", storage.join(out, "manifest.json"))
+        storage.put_dir(local_out, out, last="manifest.json")
     log.info("corpus in %s (sha256 %s)", out, manifest["sha256"])
     return DownloadOutputs(out, manifest["sha256"])
 
