@@ -9,7 +9,7 @@ from conftest import FAST_TRAINING, TINY_CONFIG
 from lmforge import config, fairseq_api
 from lmforge.errors import LmforgeError
 from lmforge.fairseq_api.arguments import train_args
-from lmforge.training.checkpoints import SaveEvent
+from lmforge.fairseq_api.calls import SaveEvent
 from lmforge.training.distributed import Placement
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from lmforge.training import checkpoints
 from lmforge.io import storage
-from lmforge.training.checkpoints import SaveEvent, Uploader
+from lmforge.fairseq_api.calls import SaveEvent
+from lmforge.training.checkpoints import Uploader
 
 
 def test_names_fairseq_gives_checkpoints():

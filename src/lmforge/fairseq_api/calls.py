@@ -18,11 +18,26 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SaveEvent:
+    """One fairseq save, as the training loop saw it."""
+
+    num_updates: int
+    epoch: int  # the epoch in progress (or just finished)
+    end_of_epoch: bool
+    best_loss: float | None
+
+    @property
+    def epochs_completed(self) -> int:
+        return self.epoch if self.end_of_epoch else self.epoch - 1
 
 
 def _parse(parser_factory: Callable[[], Any], argv: list[str]) -> Any:
@@ -107,7 +122,6 @@ def _training_hooks(
     from fairseq import checkpoint_utils
     from fairseq_cli import train as fairseq_train
 
-    from lmforge.training.checkpoints import SaveEvent
 
     original_save = checkpoint_utils.save_checkpoint
     original_validate_and_save = fairseq_train.validate_and_save

@@ -23,12 +23,12 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.io import storage
 from lmforge.errors import LmforgeError
+from lmforge.fairseq_api.calls import SaveEvent
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +43,6 @@ _CHECKPOINT = re.compile(r"^checkpoint(_last|_best|\d+|_\d+_\d+|\.best_.+)\.pt$"
 
 def is_checkpoint(name: str) -> bool:
     return bool(_CHECKPOINT.match(name))
-
-
-@dataclass(frozen=True)
-class SaveEvent:
-    """One fairseq save, as the training loop saw it."""
-
-    num_updates: int
-    epoch: int  # the epoch in progress (or just finished)
-    end_of_epoch: bool
-    best_loss: float | None
-
-    @property
-    def epochs_completed(self) -> int:
-        return self.epoch if self.end_of_epoch else self.epoch - 1
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
