@@ -248,7 +248,7 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory):
 
 
 # --------------------------------------------------------------------------------------------
-# Training-worker fixtures (tests/test_worker.py, test_checkpoints.py, test_train.py): a data-bin
+# Training-worker fixtures (tests/training/: test_worker.py, test_checkpoints.py, test_train.py): a data-bin
 # whose validation split is small, so that runs which validate at every save stay quick.
 
 

@@ -1,4 +1,9 @@
-"""One logging setup for every lmforge process: level from LOGLEVEL (default INFO)."""
+"""One logging setup for every lmforge process, and one progress helper for long work.
+
+In: LOGLEVEL (default INFO) and whether stderr is a terminal. Out: `setup_logging()`
+(one format, to stderr) and `Progress` (a tqdm bar in a terminal; plain periodic log
+lines in a pod or CI), used by `lmforge download` and `lmforge preprocess`.
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The configure step is called as the pipeline's pod calls it (a plain function
 call here); `KFP_POD_NAME` in the environment is what marks a pod of a cluster
 run, set by Kubeflow Pipelines' driver in every step pod.
 
-    PYTHONPATH=src .venv/bin/pytest tests/test_run_parameters.py
+    .venv/bin/python -m pytest tests/config/test_run_parameters.py
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 In: a source checkout (docker/*.Dockerfile, .dockerignore, the package), an
 optional registry. Out: `lmforge-steps:<version>` and `lmforge-trainer:<version>`
-tagged as src/lmforge/pipeline/images.py names them (the tags the components
+tagged as src/lmforge/images.py names them (the tags the components
 use), plus `<REGISTRY>/lmforge-<role>:<version>` and a push where a registry
 is given.
 
