@@ -51,6 +51,50 @@ def test_wrong_type_is_named():
         config.from_dict({"corpus": {"source": "x"}, "train": {"max_epoch": "many"}})
 
 
+THREE_BAD_FIELDS = ["train.max_epoch=abc", "train.nproc=0", "train.lr=-1"]
+
+
+def test_a_type_error_and_the_range_errors_are_named_together():
+    with pytest.raises(ConfigError) as info:
+        config.load(config.shipped_config_path("tiny"), THREE_BAD_FIELDS)
+    assert info.value.problems == [
+        "train.max_epoch: expected int, got 'abc'", "train.nproc: 0 must be >= 1", "train.lr: -1.0 must be positive",
+    ]
+    assert info.value.exit_code == 2
+
+
+def test_the_command_line_names_every_bad_field_in_one_line(capsys):
+    from lmforge.cli import main
+
+    argv = ["config", "show", "--config", str(config.shipped_config_path("tiny"))]
+    assert main([*argv, *(arg for field in THREE_BAD_FIELDS for arg in ("--set", field))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmforge: error: invalid config: ")
+    for field in ("train.max_epoch: expected int", "train.nproc: 0 must be >= 1", "train.lr: -1.0 must be positive"):
+        assert field in err[0]
+
+
+def test_a_check_that_reads_a_field_of_the_wrong_type_is_left_out():
+    """train.nproc did not parse: the checks that combine it with other fields (gpus_per_node, bmuf)
+    would speak of its default, 2, not of the user's value."""
+    with pytest.raises(ConfigError) as info:
+        config.load(config.shipped_config_path("tiny"), [
+            "train.nproc=two", "train.launcher=pytorchjob", "train.pytorchjob.gpus_per_node=4", "train.bmuf=true",
+            "train.dropout=1.5",
+        ])
+    assert info.value.problems == ["train.nproc: expected int, got 'two'", "train.dropout: 1.5 must be in [0, 1)"]
+    with pytest.raises(ConfigError) as info:  # an unknown preset filled nothing in: its checks are left out too
+        config.load(config.shipped_config_path("tiny"), ["model.preset=lstm", "model.criterion=adaptive_loss",
+                                                         "train.max_tokens=0"])
+    assert [p.split(":")[0] for p in info.value.problems] == ["model.preset", "train.max_tokens"]
+
+
+def test_stage_json_names_type_and_range_problems_together():
+    with pytest.raises(ConfigError) as info:
+        config.from_stage_json('{"preprocess": {"shards": "two", "workers": 0}, "storage": {"root": "runs"}}')
+    assert info.value.problems == ["preprocess.shards: expected int, got 'two'", "preprocess.workers: 0 must be >= 1"]
+
+
 def test_malformed_yaml_names_the_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("train:\n  max_epoch: [1, 2\n")

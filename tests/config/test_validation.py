@@ -3,7 +3,7 @@
 import pytest
 
 from lmforge import config
-from lmforge.config.validation import alias_problem, alias_problems, fairseq_problems
+from lmforge.config.validation import alias_problem, alias_problems, fairseq_problems, names_field, without_unparsed
 from lmforge.errors import ConfigError, LmforgeError
 
 from conftest import REPO
@@ -89,3 +89,15 @@ def test_fairseq_problems_checks_the_registries_it_is_given():
         "model.criterion: unknown fairseq criterion 'crossentropy'",
     ]
     assert fairseq_problems(config.load(TINY), {"transformer_lm"}, {"cross_entropy"}) == []
+
+
+def test_a_problem_names_a_field_by_its_path_or_its_bare_name():
+    assert names_field("train.nproc: 0 must be >= 1", "train.nproc")
+    assert names_field("train.bmuf: BMUF synchronizes replicas; it needs nnodes x nproc > 1", "train.nproc")
+    assert names_field("train.pytorchjob.gpus_per_node: 4 must be 0 (CPU pods) or train.nproc (2)", "train.nproc")
+    assert not names_field("train.max_tokens: 0 must be >= 1", "evaluate.max_tokens")  # another section's field
+    assert not names_field("train.nprocs: 0", "train.nproc")
+    assert names_field("train.lr: -1.0 must be positive", "train")  # a section by its fields
+    assert not names_field("corpus.members.x: unknown split (use train, valid, test)", "train")
+    assert without_unparsed(["train.lr: bad", "train.max_epoch: set max_epoch or max_update, or training never stops"],
+                            ["train.max_update"]) == ["train.lr: bad"]

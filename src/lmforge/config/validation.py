@@ -91,6 +91,22 @@ def validate(cfg: RunConfig) -> list[str]:
     return p
 
 
+def names_field(problem: str, path: str) -> bool:
+    """Whether `problem` names the field `path` (`train.nproc`): by its dotted path, or, for a field
+    inside a section, by its bare name as the combined checks do ("nnodes x nproc > 1"). A
+    section (`train`) is named by its fields (`train.lr: ...`) or as the problem's own field."""
+    if "." not in path:
+        return re.search(rf"(?<![\w.]){re.escape(path)}[.:]", problem) is not None
+    leaf = path.rsplit(".", 1)[1]
+    return re.search(rf"(?<![\w.])({re.escape(path)}|{re.escape(leaf)})(?!\w)", problem) is not None
+
+
+def without_unparsed(problems: list[str], unparsed: list[str]) -> list[str]:
+    """`problems` less those naming a field that failed to parse (`unparsed`): that field was
+    checked at its default, so what its checks say is not about the user's config."""
+    return [problem for problem in problems if not any(names_field(problem, path) for path in unparsed)]
+
+
 PRECISIONS = ("fp32", "fp16", "memory_efficient_fp16", "bf16", "memory_efficient_bf16")
 # fairseq-train options the worker sets from the placement or from a typed field; passing them in
 # train.extra_args would contradict what the worker computes.
