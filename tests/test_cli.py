@@ -159,6 +159,35 @@ def test_train_checks_names_against_fairseq_before_anything(tmp_path, capsys):
     assert not (tmp_path / "ckpt").exists()
 
 
+READ_ONLY = {"models": ["models"], "models-name": ["models", "lm"], "promote": ["promote", "lm", "1", "--reason", "why"]}
+
+
+@pytest.mark.parametrize("argv", READ_ONLY.values(), ids=READ_ONLY.keys())
+def test_a_mistyped_sqlite_tracking_uri_is_refused_not_created(tmp_path, argv):
+    typo = tmp_path / "mlfow.db"
+    result = lmforge(*argv, "--tracking-uri", f"sqlite:///{typo}", cwd=tmp_path)
+    assert_one_line_error(result, 1, f"no MLflow database at {typo} (tracking URI sqlite:///{typo})",
+                          "pass --tracking-uri sqlite:///PATH of an existing database")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_relative_sqlite_uri_and_the_configs_default_are_refused_too(tmp_path):
+    result = lmforge("models", "--tracking-uri", "sqlite:///mlfow.db", cwd=tmp_path)
+    assert_one_line_error(result, 1, f"no MLflow database at {tmp_path / 'mlfow.db'}")
+    result = lmforge("models", "--config", str(TINY), "--set", f"storage.root={tmp_path / 'runs'}", cwd=tmp_path)
+    assert_one_line_error(result, 1, f"no MLflow database at {tmp_path / 'runs' / 'mlflow.db'}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_database_is_read(tmp_path, empty_mlflow_db):
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(empty_mlflow_db.read_bytes())
+    result = lmforge("models", "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "no registered models", result.stderr[-2000:]
+    result = lmforge("promote", "lm", "1", "--reason", "why", "--tracking-uri", "sqlite:///mlflow.db", cwd=tmp_path)
+    assert_one_line_error(result, 1, "registered model 'lm' does not exist")
+
+
 def test_register_runs_the_register_step(tiny_lm, tmp_path, capsys):
     """`lmforge register` is the pipeline's register step: its MLflow run is found by a pipeline run id
     (manual-<checkpoint dir>), and the version carries the step's lineage tags; --run-id adopts a run."""

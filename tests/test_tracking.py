@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -183,3 +184,20 @@ def test_failing_pipeline_steps_leave_the_run_failed(tmp_path, empty_mlflow_db, 
                        "b" * 64, json.dumps({"perplexity": 1.0, "identity": {}, "split": "test"}))
     assert status(client, run_id) == ("FAILED", "register")
     assert mlflow.active_run() is None and utils._tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_sqlite_file_reads_the_uri_as_sqlalchemy_does(tmp_path):
+    assert tracking.sqlite_file(f"sqlite:///{tmp_path}/m.db") == tmp_path / "m.db"
+    assert tracking.sqlite_file("sqlite:///runs/m.db?timeout=5") == Path("runs/m.db")  # relative to the cwd
+    assert tracking.sqlite_file("sqlite:///:memory:") is None and tracking.sqlite_file("sqlite://") is None
+    assert tracking.sqlite_file("http://127.0.0.1:5000") is None
+
+
+def test_a_registry_client_for_reading_needs_the_database(tmp_path, empty_mlflow_db):
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match=f"no MLflow database at {tmp_path / 'typo.db'}"):
+        tracking.existing_registry_client(f"sqlite:///{tmp_path / 'typo.db'}")
+    assert not (tmp_path / "typo.db").exists()
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    assert tracking.existing_registry_client(f"sqlite:///{tmp_path / 'mlflow.db'}").search_registered_models() == []

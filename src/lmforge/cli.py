@@ -226,21 +226,23 @@ def adopt_mlflow_run(cfg: RunConfig, run_id: str) -> tuple[RunConfig, str]:
     return cfg, pipeline_run_id
 
 
-def registry_client(cfg: RunConfig, tracking_uri: str | None = None) -> Any:
-    """An MlflowClient of `tracking_uri`, else of the config's tracking (storage.root made absolute first)."""
+def registry_client(cfg: RunConfig, tracking_uri: str | None = None, *, existing: bool = False) -> Any:
+    """An MlflowClient of `tracking_uri`, else of the config's tracking (storage.root made absolute first).
+    `existing`: the tracking store must exist already (models, promote: they never create one)."""
     from mlflow import MlflowClient
 
     from lmforge import tracking
 
     cfg = config_mod.resolve_storage(cfg)
-    return MlflowClient(tracking_uri=tracking_uri or tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.storage.root))
+    uri = tracking_uri or tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.storage.root)
+    return tracking.existing_registry_client(uri) if existing else MlflowClient(tracking_uri=uri)
 
 
 def models(*, config: str | None, overrides: list[str], name: str | None, alias: str | None,
            tracking_uri: str | None) -> None:
     from lmforge.models import promotion
 
-    client = registry_client(load_config(config, overrides), tracking_uri)
+    client = registry_client(load_config(config, overrides), tracking_uri, existing=True)
     if not name:
         rows = promotion.describe_models(client)
         if not rows:
@@ -266,7 +268,8 @@ def promote(*, config: str | None, overrides: list[str], name: str, version: str
     from lmforge.models import promotion
 
     cfg = load_config(config, overrides)
-    result = promotion.promote(registry_client(cfg, tracking_uri), name, version, to or cfg.registry.alias, reason=reason, by=by)
+    client = registry_client(cfg, tracking_uri, existing=True)
+    result = promotion.promote(client, name, version, to or cfg.registry.alias, reason=reason, by=by)
     print(json.dumps(result, indent=2))
 
 

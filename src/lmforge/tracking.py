@@ -48,6 +48,33 @@ def resolve_tracking_uri(configured: str, storage_root: str | Path) -> str:
     return configured or default_tracking_uri(storage_root)
 
 
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file a sqlite:// tracking URI names (relative to the current directory, as
+    SQLAlchemy reads sqlite:///x.db); None for other URIs and for an in-memory database."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(tracking_uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def existing_registry_client(tracking_uri: str) -> Any:
+    """An MlflowClient of a tracking store that must exist already: the commands that only look at
+    the registry (`lmforge models`, `lmforge promote`). MLflow creates an empty SQLite database
+    at any path it is given, so a mistyped path would read as "no such model"; it is refused here,
+    before the client is made (which is when MLflow creates the file)."""
+    path = sqlite_file(tracking_uri)
+    if path is not None and not path.is_file():
+        raise LmforgeError(
+            f"no MLflow database at {path.resolve()} (tracking URI {tracking_uri}); pass --tracking-uri "
+            "sqlite:///PATH of an existing database (`lmforge run` makes STORAGE_ROOT/mlflow.db) or a server's http(s):// URI"
+        )
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
 def _experiment_id(client: Any, name: str, storage_root: str | Path | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
