@@ -61,7 +61,7 @@ def test_unknown_fairseq_option_fails_before_launch(fast_data_bin, tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     # lstm_lm with its adaptive softmax, cutoffs under this small vocabulary (~1.8k words); the
-    # hidden and output widths follow decoder_embed_dim (an output left at 512 fails the batch)
+    # hidden and output widths follow decoder_embed_dim
     ["model.preset=lstm_lm", "model.options.adaptive_softmax_cutoff=500,1000", "model.options.decoder_embed_dim=64"],
     ["model.criterion=label_smoothed_cross_entropy", "train.extra_args.label_smoothing=0.1"],
 ], ids=["lstm_lm-adaptive_loss", "label_smoothing"])
