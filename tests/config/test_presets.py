@@ -60,9 +60,9 @@ def test_unknown_fairseq_option_fails_before_launch(fast_data_bin, tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    # lstm_lm with its adaptive softmax, cutoffs under this small vocabulary (~1.8k words)
-    ["model.preset=lstm_lm", "model.options.adaptive_softmax_cutoff=500,1000", "model.options.decoder_embed_dim=64",
-     "model.options.decoder_hidden_size=64", "model.options.decoder_out_embed_dim=64"],
+    # lstm_lm with its adaptive softmax, cutoffs under this small vocabulary (~1.8k words); the
+    # hidden and output widths follow decoder_embed_dim
+    ["model.preset=lstm_lm", "model.options.adaptive_softmax_cutoff=500,1000", "model.options.decoder_embed_dim=64"],
     ["model.criterion=label_smoothed_cross_entropy", "train.extra_args.label_smoothing=0.1"],
 ], ids=["lstm_lm-adaptive_loss", "label_smoothing"])
 def test_cpu_sized_variants_run_a_batch(overrides, fast_data_bin, tmp_path):

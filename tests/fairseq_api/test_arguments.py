@@ -1,7 +1,7 @@
 """lmforge.fairseq_api.arguments: fairseq-train's command line from the config, the task's part included."""
 
 from lmforge import config
-from lmforge.fairseq_api.arguments import option_args, train_args
+from lmforge.fairseq_api.arguments import model_options, option_args, train_args
 from lmforge.training.distributed import Placement
 
 from conftest import TINY_CONFIG as TINY
@@ -105,3 +105,26 @@ def test_the_task_gives_its_arguments_and_the_default_criterion():
     assert value_after(train_args(config.load(TINY, ["model.criterion="]), "/d", "/c"), "--criterion") == "cross_entropy"
     named = config.load(TINY, ["model.criterion=label_smoothed_cross_entropy"])
     assert value_after(train_args(named, "/d", "/c"), "--criterion") == "label_smoothed_cross_entropy"
+
+
+def test_input_and_output_widths_follow_decoder_embed_dim():
+    """fairseq's --arch transformer_lm leaves both at 512 whatever --decoder-embed-dim says (issue 17)."""
+    args = train_args(config.load(TINY), "/d", "/c")
+    assert value_after(args, "--decoder-embed-dim") == "64"
+    assert value_after(args, "--decoder-input-dim") == value_after(args, "--decoder-output-dim") == "64"
+    run_form = train_args(config.load(TINY, ["model.options.decoder_embed_dim=96"]), "/d", "/c")
+    assert value_after(run_form, "--decoder-input-dim") == value_after(run_form, "--decoder-output-dim") == "96"
+    assert model_options("lstm_lm", {"decoder_embed_dim": 256}) == {"decoder_embed_dim": 256, "decoder_out_embed_dim": 256}
+    assert model_options("transformer_lm_gpt", {"decoder_embed_dim": 256}) == {
+        "decoder_embed_dim": 256, "decoder_input_dim": 256, "decoder_output_dim": 256}
+
+
+def test_widths_the_user_sets_are_kept():
+    kept = train_args(config.load(TINY, ["model.options.decoder_input_dim=32"]), "/d", "/c")
+    assert kept.count("--decoder-input-dim") == 1 and value_after(kept, "--decoder-input-dim") == "32"
+    assert value_after(kept, "--decoder-output-dim") == "64"
+    in_extra_args = train_args(config.load(TINY, ["train.extra_args.decoder_output_dim=128"]), "/d", "/c")
+    assert in_extra_args.count("--decoder-output-dim") == 1 and value_after(in_extra_args, "--decoder-output-dim") == "128"
+    # no decoder_embed_dim: the architecture's own width and fairseq's own rule; other models untouched
+    assert model_options("transformer_lm_gpt", {"decoder_layers": 2}) == {"decoder_layers": 2}
+    assert model_options("fconv_lm", {"decoder_embed_dim": 256}) == {"decoder_embed_dim": 256}

@@ -120,6 +120,15 @@ def test_dry_run_counts_an_epoch_as_fairseq_does_and_runs_one_batch(interval_run
     batch = report["batch"]
     assert 0 < batch["tokens"] <= 1024 and math.isfinite(batch["loss_base2"]) and batch["loss_base2"] > 1
     assert not (tmp_path / "ckpt").exists(), "a dry run saves nothing"
+    # the model as built: 64 wide throughout (tests/fairseq_api/test_model_shapes.py counts its parameters)
+    from fairseq.data import Dictionary
+
+    words = len(Dictionary.load(str(fast_data_bin / "dict.txt")))
+    assert report["model"] == {
+        "embed_tokens": [words, 64], "layers": 2, "projections": [],
+        "widths": {"embed_dim": 64, "input_dim": 64, "output_dim": 64, "ffn_dim": 256, "attention_heads": 2},
+    }
+    assert words * 64 < report["parameters"] < words * 64 + 200_000
 
 
 def test_invalid_combinations_fail_before_launch():

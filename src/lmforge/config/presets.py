@@ -14,7 +14,8 @@ import copy
 from typing import Any
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # A 2-layer, 64-wide transformer: trains in a minute or two on 2 CPU cores.
+    # A 2-layer, 64-wide transformer: trains in a minute or two on 2 CPU cores. The input and
+    # output widths follow decoder_embed_dim (`fairseq_api.arguments.WIDTH_FOLLOWERS`).
     "tiny": {
         "model": {
             "arch": "transformer_lm",
@@ -58,16 +59,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             },
         },
     },
-    # A 2-layer LSTM LM with an adaptive softmax; cutoffs sized for a WikiText-2-size vocabulary
-    # (33k words).
+    # A 2-layer, 512-wide LSTM LM with an adaptive softmax; cutoffs sized for a WikiText-2-size
+    # vocabulary (33k words). Only the embedding width is set: the hidden size and the output
+    # width follow it (fairseq's rule and lmforge's, `fairseq_api.arguments.WIDTH_FOLLOWERS`), so
+    # `model.options.decoder_embed_dim` alone resizes the model.
     "lstm_lm": {
         "model": {
             "arch": "lstm_lm",
             "criterion": "adaptive_loss",
-            "options": {
-                "decoder_layers": 2, "decoder_embed_dim": 512, "decoder_hidden_size": 512,
-                "decoder_out_embed_dim": 512, "adaptive_softmax_cutoff": "10000,20000",
-            },
+            "options": {"decoder_layers": 2, "decoder_embed_dim": 512, "adaptive_softmax_cutoff": "10000,20000"},
         },
         "train": {"tokens_per_sample": 256, "max_tokens": 4096, "lr": 0.001, "clip_norm": 0.25, "dropout": 0.2},
     },

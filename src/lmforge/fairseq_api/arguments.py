@@ -21,7 +21,7 @@ from lmforge import tasks
 from lmforge.config import RunConfig
 from lmforge.training.distributed import Placement
 
-__all__ = ["PRECISION_FLAGS", "Placement", "option_args", "train_args"]
+__all__ = ["PRECISION_FLAGS", "WIDTH_FOLLOWERS", "Placement", "model_options", "option_args", "train_args"]
 
 
 def option_args(options: dict[str, Any]) -> list[str]:
@@ -41,6 +41,42 @@ def option_args(options: dict[str, Any]) -> list[str]:
         else:
             args += [flag, str(value)]
     return args
+
+
+#: fairseq model -> the widths that should follow `decoder_embed_dim` unless the user sets them.
+#: transformer_lm: with --arch transformer_lm, fairseq fills decoder_input_dim and decoder_output_dim
+#: from its dataclass default (512), not from --decoder-embed-dim, so the `tiny` preset (64 wide)
+#: got a 512-wide embedding plus two projections: 4,884,096 parameters instead of 689,792 on the
+#: tiny config's 9,216-word dictionary (27.7M instead of 3.5M on 53,840 words). Its named
+#: architectures (transformer_lm_gpt, ...) already follow; the same value again changes nothing.
+#: lstm_lm: decoder_out_embed_dim defaults to 512 whatever decoder_embed_dim says (decoder_hidden_size
+#: follows already); a different width adds a projection (unused, dead weight, under an adaptive
+#: softmax), and with tied embeddings fairseq refuses the model.
+WIDTH_FOLLOWERS: dict[str, tuple[str, ...]] = {
+    "transformer_lm": ("decoder_input_dim", "decoder_output_dim"),
+    "lstm_lm": ("decoder_out_embed_dim",),
+}
+
+
+def model_family(arch: str) -> str | None:
+    """transformer_lm_gpt -> 'transformer_lm', by the name's prefix: fairseq names architectures
+    after their model (transformer_lm_megatron builds a subclass of transformer_lm's model;
+    tests/fairseq_api/test_model_shapes.py checks every claimed name against fairseq's registry)."""
+    return next((m for m in WIDTH_FOLLOWERS if arch == m or arch.startswith(m + "_")), None)
+
+
+def model_options(arch: str, options: dict[str, Any], extra_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`options` plus the widths that follow decoder_embed_dim where neither mapping sets them.
+
+    {decoder_embed_dim: 64} with transformer_lm -> also decoder_input_dim 64, decoder_output_dim 64.
+    Without decoder_embed_dim the architecture's own width applies, and fairseq's own rule with it.
+    """
+    given = {**options, **(extra_args or {})}
+    width = given.get("decoder_embed_dim")
+    if width is None:
+        return dict(options)
+    followers = WIDTH_FOLLOWERS.get(model_family(arch) or "", ())
+    return {**options, **{name: width for name in followers if given.get(name) is None}}
 
 
 PRECISION_FLAGS = {
@@ -111,5 +147,5 @@ def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placemen
         # pytorch_ddp hands device_ids to DDP, which fails for CPU modules; fairseq's
         # adaptive_loss refuses pytorch_ddp outright, even for a single process.
         args += ["--ddp-backend", "legacy_ddp"]
-    return args + option_args(m.options) + option_args(t.extra_args)
+    return args + option_args(model_options(m.arch, m.options, t.extra_args)) + option_args(t.extra_args)
 

@@ -2,9 +2,9 @@
 
 In: argument lists built by `lmforge.fairseq_api.arguments`. Out: fairseq's own results:
 `train` writes checkpoints (with a hook after each save and a stop check after each update),
-`eval_lm` returns loss, perplexity and tokens, `dry_run` one epoch's batching and one real
-batch, `check_train_args` refuses what fairseq-train's parser refuses (a one-line
-LmforgeError naming the option), `architectures`/`criteria` list fairseq's registries.
+`eval_lm` returns loss, perplexity and tokens, `dry_run` one epoch's batching, the model's
+parameter count and shapes (`model_shapes`) and one real batch, `check_train_args` refuses
+what fairseq-train's parser refuses (a one-line LmforgeError naming the option), `architectures`/`criteria` list fairseq's registries.
 fairseq is imported inside each function: importing it costs ~5 s and is only needed here.
 
     lmforge worker ...  (train), lmforge evaluate ...  (eval_lm), lmforge train --dry-run ...  (dry_run)
@@ -156,8 +156,9 @@ def _training_hooks(
 def dry_run(argv: list[str], *, world_size: int, update_freq: int) -> dict[str, Any]:
     """What one epoch of this training means, from fairseq's own batching, plus one real batch.
 
-    Returns batches per process, updates per epoch, tokens per update, the parameter count and
-    the loss (base 2), seconds and peak memory of one forward/backward pass on this machine.
+    Returns batches per process, updates per epoch, tokens per update, the parameter count, the
+    model's shapes (`model_shapes`) and the loss (base 2), seconds and peak memory of one
+    forward/backward pass on this machine.
     """
     import math
 
@@ -211,6 +212,7 @@ def dry_run(argv: list[str], *, world_size: int, update_freq: int) -> dict[str, 
         "tokens_per_update": round(tokens_per_update),
         "max_tokens_per_update": cfg.dataset.max_tokens * world_size * update_freq,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "model": model_shapes(model),
         "batch": {
             "tokens": int(sample["ntokens"]),
             "loss_base2": float(loss.detach()) / float(sample_size) / math.log(2),
@@ -219,6 +221,36 @@ def dry_run(argv: list[str], *, world_size: int, update_freq: int) -> dict[str, 
             "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         },
     }
+
+
+def model_shapes(model: Any) -> dict[str, Any]:
+    """A fairseq LM's decoder as it was built: embedding, layers and widths.
+
+    {'embed_tokens': [53840, 64], 'layers': 2, 'widths': {'embed_dim': 64,
+    'input_dim': 64, 'output_dim': 64, 'ffn_dim': 256, 'attention_heads': 2}, 'projections': []}
+    for the tiny transformer; an adaptive input lists its bands' [words, width]; an LSTM gives
+    hidden_size for ffn_dim and heads. `projections` names the Linear layers between differing
+    widths (project_in_dim, project_out_dim, additional_fc): one the user did not ask for is a
+    width fairseq filled in.
+    """
+    decoder = model.decoder
+    embed = decoder.embed_tokens
+    if hasattr(embed, "embeddings"):  # fairseq.modules.AdaptiveInput: one (Embedding, Linear) per band
+        embed_shape: Any = [list(band[0].weight.shape) for band in embed.embeddings]
+        input_dim = embed.embeddings[0][0].weight.shape[1]
+    else:
+        embed_shape, input_dim = list(embed.weight.shape), embed.weight.shape[1]
+    layer = decoder.layers[0]
+    if hasattr(layer, "self_attn"):  # a transformer decoder layer
+        widths = {"embed_dim": decoder.embed_dim, "input_dim": input_dim, "output_dim": decoder.output_embed_dim,
+                  "ffn_dim": layer.fc1.out_features, "attention_heads": layer.self_attn.num_heads}
+    else:  # an LSTM cell
+        fc = getattr(decoder, "additional_fc", None)
+        widths = {"embed_dim": input_dim, "hidden_size": layer.hidden_size,
+                  "output_dim": fc.out_features if fc is not None else layer.hidden_size}
+    projections = [name for name in ("project_in_dim", "project_out_dim", "additional_fc")
+                   if getattr(decoder, name, None) is not None]
+    return {"embed_tokens": embed_shape, "layers": len(decoder.layers), "widths": widths, "projections": projections}
 
 
 def eval_lm(argv: list[str]) -> dict[str, float]:

@@ -8,7 +8,8 @@ Running again with the same checkpoint location resumes from the newest checkpoi
 
 Before anything starts, `preflight` checks what the config cannot check alone: the data-bin
 (splits, vocabulary size against adaptive softmax cutoffs) and the machine or cluster the
-launcher will use. `dry_run` adds fairseq's own view of one epoch and one real batch.
+launcher will use. `dry_run` adds fairseq's own view of one epoch, the model as built (parameter
+count, embedding, layers and widths) and one real batch.
 
     lmforge train --config tiny.yaml --data-bin DIR --checkpoints DIR [--dry-run]
 """
@@ -152,7 +153,8 @@ def train(
 
 
 def dry_run(cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path) -> dict[str, Any]:
-    """Preflight, then fairseq's batching of one epoch and one forward/backward pass here; nothing is saved."""
+    """Preflight, then fairseq's batching of one epoch, the model as built (parameters, shapes) and one
+    forward/backward pass here; nothing is saved."""
     cfg = cfg.resolve_launcher(os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
     preflight(cfg, data_bin, checkpoint_uri)
@@ -171,5 +173,9 @@ def dry_run(cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path) ->
     })
     if cfg.train.max_update:
         report["epochs_for_max_update"] = round(cfg.train.max_update / max(report["updates_per_epoch"], 1), 2)
+    model = report["model"]
+    log.info("dry run: model of %s parameters: embed_tokens %s, %d layers, widths %s, projections %s",
+             f"{report['parameters']:,}", model["embed_tokens"], model["layers"], model["widths"],
+             model["projections"] or "none")
     log.info("dry run: %s", json.dumps(report))
     return report
