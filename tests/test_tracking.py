@@ -155,7 +155,7 @@ def test_another_active_run_stays_active_underneath(store):
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run() as users:
         with tracking.step_run(uri, run_id, "evaluate") as run:
-            assert mlflow.active_run().info.run_id == run_id != users.info.run_id
+            assert mlflow.active_run().info.run_id == run.info.run_id == run_id != users.info.run_id
         assert mlflow.active_run().info.run_id == users.info.run_id
         assert status(client, run_id) == ("RUNNING", None)
     assert client.get_run(users.info.run_id).info.status == "FINISHED"

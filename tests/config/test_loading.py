@@ -1,6 +1,5 @@
 """lmforge.config.loading: YAML, --set overrides, JSON, shipped configs, this machine's paths."""
 
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 from download_fixtures import FAST, Server, assert_nothing_left, assert_output, dead_url, make_zip, sha, wikitext_layout
