@@ -181,7 +181,10 @@ def register(*, config: str | None, overrides: list[str], data_bin: str, checkpo
     # The gate needs the evaluation: the one `lmforge evaluate --out` wrote, or a fresh one.
     evaluation = read_metrics(metrics) if metrics else score(cfg, data_bin, checkpoint)
     if run_id:
-        cfg, pipeline_run_id = adopt_mlflow_run(cfg, run_id)
+        from lmforge import tracking
+
+        experiment, pipeline_run_id = tracking.adopt_run(registry_client(cfg), run_id)
+        cfg = cfg.replace(tracking=config_mod.TrackingConfig(uri=cfg.tracking.uri, experiment=experiment))
     else:
         pipeline_run_id = f"manual-{Path(checkpoint).resolve().parent.name}"
     # The step undecorated (inspect.unwrap follows functools.wraps): a user's mistake then reaches
@@ -203,27 +206,6 @@ def registered(cfg: RunConfig, outputs: Any) -> dict[str, str]:
     tags = registry_client(cfg).get_model_version(cfg.registry.model_name, outputs.version).tags
     return {"model_uri": outputs.model_uri, "version": outputs.version, "run_id": outputs.mlflow_run_id,
             "alias": outputs.model_uri.rsplit("@", 1)[-1], "reason": tags.get(TAG_REASON, "")}
-
-
-def adopt_mlflow_run(cfg: RunConfig, run_id: str) -> tuple[RunConfig, str]:
-    """(config, pipeline run id) under which the register step finds the existing MLflow run
-    `run_id` (`--run-id`): its experiment, and its pipeline-run tag (set now when it has none)."""
-    from mlflow.exceptions import MlflowException
-
-    from lmforge import tracking
-
-    client = registry_client(cfg)
-    try:
-        run_info = client.get_run(run_id)
-        experiment = client.get_experiment(run_info.info.experiment_id).name
-    except MlflowException:
-        raise LmforgeError(f"MLflow run {run_id} not found; pass --run-id of an existing run, or leave it out") from None
-    pipeline_run_id = run_info.data.tags.get(tracking.PIPELINE_RUN_TAG)
-    if not pipeline_run_id:
-        pipeline_run_id = run_id
-        client.set_tag(run_id, tracking.PIPELINE_RUN_TAG, pipeline_run_id)
-    cfg = cfg.replace(tracking=config_mod.TrackingConfig(uri=cfg.tracking.uri, experiment=experiment))
-    return cfg, pipeline_run_id
 
 
 def registry_client(cfg: RunConfig, tracking_uri: str | None = None, *, existing: bool = False) -> Any:

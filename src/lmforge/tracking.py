@@ -173,6 +173,24 @@ def step_run(tracking_uri: str, run_id: str, step: str, *, last: bool = False) -
             mlflow.end_run(status=status)
 
 
+def adopt_run(client: Any, run_id: str) -> tuple[str, str]:
+    """(experiment name, pipeline run id) under which the steps find the existing MLflow run
+    `run_id` (`lmforge register --run-id`): its experiment, and its pipeline-run tag (set now
+    to `run_id` when it has none)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+        experiment = client.get_experiment(run.info.experiment_id).name
+    except MlflowException:
+        raise LmforgeError(f"MLflow run {run_id} not found; pass --run-id of an existing run, or leave it out") from None
+    pipeline_run_id = run.data.tags.get(PIPELINE_RUN_TAG)
+    if not pipeline_run_id:
+        pipeline_run_id = run_id
+        client.set_tag(run_id, PIPELINE_RUN_TAG, pipeline_run_id)
+    return experiment, pipeline_run_id
+
+
 def log_params_flat(params: dict[str, Any], prefix: str = "") -> None:
     """Log a nested dict as dotted MLflow params (values as compact JSON where not scalar)."""
     import mlflow
