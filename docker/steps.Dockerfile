@@ -2,12 +2,26 @@
 # the train step included (on a cluster it submits the PyTorchJob, whose pods
 # run the trainer image). KFP sets the command of each step, so the image only
 # has to hold an environment in which `lmforge` and its lazy imports (fairseq,
-# mlflow, boto3, kubernetes) all import.
+# mlflow, boto3, kubernetes) all import, with the venv's `python3` first on PATH
+# (a component runs `python3 -m kfp.dsl.executor_main`).
 #
+#   lmforge images build --role steps                      # PyPI, PyTorch's CPU index
+#   lmforge images build --wheelhouse DIR --base-image B   # hermetic: no network at all
 #   docker build -f docker/steps.Dockerfile -t ghcr.io/lmforge/lmforge-steps:0.1.0 .
 #
 # The tag is the package version: the compiled pipeline names exactly that
-# image (src/lmforge/pipeline/images.py).
+# image (src/lmforge/images.py).
+#
+# Build arguments (the defaults are what a user with internet needs):
+#   BASE_IMAGE       a Debian-based image with Python 3.11 and its venv module
+#                    (python:3.11-slim-bookworm; a debootstrap-made bookworm
+#                    works the same, see tests/docker_env.py);
+#   PIP_INDEX_URL    a PyPI mirror (pip reads the variable itself);
+#   TORCH_INDEX_URL  where the CPU torch wheel comes from;
+#   PIP_NO_INDEX=1 and PIP_FIND_LINKS=/wheelhouse: install only from the wheels
+#                    the build context holds under wheelhouse/ (`lmforge images
+#                    wheelhouse DIR` fills them; `lmforge images build
+#                    --wheelhouse DIR` sets both and builds with no network).
 #
 # Build context: the repository root (see /.dockerignore). linux/amd64 only:
 # the ve-fairseq wheel is published for manylinux x86_64 alone.
@@ -23,24 +37,32 @@
 #   4. lmforge itself, non-editable, last, so a source change rebuilds one
 #      small layer.
 
-FROM python:3.11-slim-bookworm AS builder
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS builder
+
+ARG PIP_INDEX_URL
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # pip compiles every module it installs to .pyc here, so that the runtime stage,
 # whose venv is read-only to its non-root user, imports torch and mlflow
 # without recompiling them in every pod.
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
+# Empty (but for its README) unless the build is a wheelhouse build.
+COPY wheelhouse/ /wheelhouse/
 COPY pyproject.toml requirements.lock ./
 
-# Steps 1 and 2. The dependency list is read from pyproject.toml so that it has
+# Steps 1 to 3. The dependency list is read from pyproject.toml so that it has
 # one home; the lock pins every version that resolution reaches.
-RUN pip install --no-cache-dir --no-deps \
-        --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN pip install --no-cache-dir --no-deps --extra-index-url "${TORCH_INDEX_URL}" torch==2.13.0+cpu \
+    && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
     && pip install --no-cache-dir --no-deps ve-fairseq==0.12.3
@@ -50,11 +72,11 @@ RUN pip install --no-cache-dir --no-deps \
 COPY README.md ./
 COPY src ./src
 RUN pip install --no-cache-dir --no-deps -c requirements.lock . \
-    && python -c "import torch, fairseq, mlflow, boto3, kfp, kubernetes, lmforge; assert torch.__version__.startswith('2.13.0')" \
+    && python3 -c "import torch, fairseq, mlflow, boto3, kfp, kubernetes, lmforge; assert torch.__version__ == '2.13.0+cpu', torch.__version__" \
     && lmforge --version
 
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="lmforge-steps" \
       org.opencontainers.image.description="lmforge Kubeflow Pipelines steps (CPU)" \

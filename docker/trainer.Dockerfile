@@ -3,8 +3,9 @@
 # distributed environment (MASTER_ADDR, WORLD_SIZE, RANK, PET_*) and trains with
 # NCCL on the pod's GPUs (gloo where a pod has none).
 #
-#   docker build -f docker/trainer.Dockerfile -t ghcr.io/lmforge/lmforge-trainer:0.1.0 .
-#   docker build -f docker/trainer.Dockerfile --build-arg TORCH_CUDA=cu130 ...
+#   lmforge images build --role trainer                         # CUDA (cu126)
+#   lmforge images build --role trainer --trainer-variant cpu   # a CPU trainer
+#   docker build -f docker/trainer.Dockerfile --build-arg TORCH_VARIANT=cu130 ...
 #
 # The tag is the package version: the compiled pipeline names exactly that
 # image (src/lmforge/pipeline/images.py).
@@ -24,51 +25,63 @@
 #   - the steps image is built the same way on the same base, so the two
 #     images differ only in which torch wheel they hold.
 #
-# TORCH_CUDA picks the wheel: cu126 (default) runs on any driver >= 525.60
+# TORCH_VARIANT picks the wheel: cu126 (default) runs on any driver >= 525.60
 # (CUDA 12 minor-version compatibility) and covers A100 and H100/H200 (sm_80,
 # sm_90); Blackwell (sm_100/sm_120) needs a newer build (cu129, or cu130 with
-# a driver >= 580).
+# a driver >= 580). `cpu` makes a CPU trainer (gloo): what runs the emulated
+# PyTorchJob's replicas as containers on a machine without a GPU.
+#
+# The other build arguments (BASE_IMAGE, PIP_INDEX_URL, TORCH_INDEX_URL, and
+# PIP_NO_INDEX/PIP_FIND_LINKS for a wheelhouse build) are the steps image's:
+# see docker/steps.Dockerfile.
 
-FROM python:3.11-slim-bookworm AS builder
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-ARG TORCH_CUDA=cu126
+FROM ${BASE_IMAGE} AS builder
+
+ARG TORCH_VARIANT=cu126
+ARG PIP_INDEX_URL
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 
 # pip compiles every module it installs to .pyc here, so that the runtime stage,
 # whose venv is read-only to its non-root user, imports torch and fairseq
 # without recompiling them in every pod.
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
+# Empty (but for its README) unless the build is a wheelhouse build.
+COPY wheelhouse/ /wheelhouse/
 COPY pyproject.toml requirements.lock ./
 
-# The order of scripts/install.sh: torch pinned exactly first (here the CUDA
+# The order of scripts/install.sh: torch pinned exactly first (the variant's
 # wheel, --no-deps: its dependencies, nvidia-* and triton at the exact versions
 # torch pins, are resolved with lmforge's, held to requirements.lock); then
 # lmforge's dependencies; then ve-fairseq --no-deps (its wheel declares
 # torchaudio, which would pull another torch).
-RUN pip install --no-cache-dir --no-deps \
-        --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" torch==2.13.0 \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN pip install --no-cache-dir --no-deps --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0+${TORCH_VARIANT}" \
+    && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
     && pip install --no-cache-dir --no-deps ve-fairseq==0.12.3
 
 # lmforge itself, non-editable, then a smoke import (no GPU is needed to import
-# a CUDA torch): a missing dependency or a CPU wheel fails the build.
+# a CUDA torch): a missing dependency or a torch of another variant fails the build.
 COPY README.md ./
 COPY src ./src
 RUN pip install --no-cache-dir --no-deps -c requirements.lock . \
-    && python -c "import torch, fairseq, mlflow, boto3, lmforge; assert torch.__version__.startswith('2.13.0') and torch.version.cuda, torch.__version__" \
+    && python3 -c "import torch, fairseq, mlflow, boto3, lmforge; assert torch.__version__ == '2.13.0+${TORCH_VARIANT}', torch.__version__; assert (torch.version.cuda is None) == ('${TORCH_VARIANT}' == 'cpu')" \
     && lmforge --version
 
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="lmforge-trainer" \
-      org.opencontainers.image.description="lmforge fairseq training worker (CUDA)" \
+      org.opencontainers.image.description="lmforge fairseq training worker (CUDA, or CPU with TORCH_VARIANT=cpu)" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0"
 

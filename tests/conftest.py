@@ -328,3 +328,46 @@ def nudged_checkpoint(checkpoint: Path, directory: Path, k: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / f"checkpoint{k}.pt")
     return directory / f"checkpoint{k}.pt"
+
+
+# --------------------------------------------------------------------------- containers
+
+import docker_env  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The container tests run after the main suite (as .ci/run promises): a stable sort keeps
+    every other test in its order."""
+    items.sort(key=lambda item: item.get_closest_marker("docker") is not None)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A live Docker engine (skips with the reason where none answers)."""
+    client = docker_env.engine_or_skip()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def steps_image(docker_client) -> str:
+    """The steps image of this checkout, built hermetically; its tag (the pipeline's name)."""
+    return docker_env.build_image(docker_client, "steps")
+
+
+@pytest.fixture(scope="session")
+def trainer_image(docker_client) -> str:
+    """The trainer image of this checkout, CPU variant, built hermetically; its tag."""
+    return docker_env.build_image(docker_client, "trainer")
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client) -> str:
+    """The bare Debian base with Python 3.11 the images are built on (no lmforge, no venv)."""
+    return docker_env.make_base_image(docker_client)
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(docker_client) -> Path:
+    """The filled wheelhouse the images install from (only the container tests need one)."""
+    return docker_env.filled_wheelhouse()

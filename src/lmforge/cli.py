@@ -3,7 +3,7 @@
     lmforge run --config pipelines/configs/tiny.yaml --corpus DIR
     lmforge compile [--config FILE]
     lmforge submit|schedule|runs --host URL ...   (Kubeflow Pipelines)
-    lmforge images build [--push REGISTRY]
+    lmforge images build [--push REGISTRY] [--wheelhouse DIR] / lmforge images wheelhouse DIR
     lmforge download|preprocess|train|evaluate|register ...
     lmforge models [NAME] / lmforge promote NAME VERSION --reason TEXT
     lmforge worker ...            (what every training process runs)
@@ -110,10 +110,23 @@ def runs(*, config: str | None, overrides: list[str], host: str, token: str | No
     print(json.dumps(listing, indent=2) if json_output else format_runs(listing))
 
 
-def images(*, action: str, push: str | None, context: str, role: list[str] | None) -> None:
+def images(*, action: str, directory: str | None, push: str | None, context: str, role: list[str] | None,
+           base_image: str | None, wheelhouse: str | None, trainer_variant: str, torch_variant: str,
+           torch_index: str | None) -> None:
+    if action == "wheelhouse":
+        from lmforge.pipeline.wheelhouse import fill_wheelhouse
+
+        if not directory:
+            raise LmforgeError("lmforge images wheelhouse needs the directory to fill: lmforge images wheelhouse DIR")
+        fill_wheelhouse(Path(context), Path(directory), variant=torch_variant, index=torch_index)
+        return
     from lmforge.pipeline.image_build import build_images
 
-    for spec in build_images(Path(context), registry=push, roles=role or None):
+    if directory:
+        raise LmforgeError(f"lmforge images build takes no directory ({directory}); did you mean --wheelhouse {directory}?")
+    specs = build_images(Path(context), registry=push, roles=role or None, base_image=base_image,
+                         wheelhouse=Path(wheelhouse) if wheelhouse else None, trainer_variant=trainer_variant)
+    for spec in specs:
         print(" ".join(spec.tags))
 
 
@@ -322,10 +335,22 @@ def runs_options(p: argparse.ArgumentParser) -> None:
 
 
 def images_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["build"])
-    p.add_argument("--push", metavar="REGISTRY", help="also tag as REGISTRY/lmforge-<role>:<version> and push")
+    p.add_argument("action", choices=["build", "wheelhouse"],
+                   help="build: the images; wheelhouse DIR: fill DIR with every wheel they install")
+    p.add_argument("directory", nargs="?", help="wheelhouse: the directory to fill")
     p.add_argument("--context", default=".", help="lmforge source checkout (default: the current directory)")
-    p.add_argument("--role", action="append", choices=["steps", "trainer"], help="only this image (repeatable)")
+    build = p.add_argument_group("build")
+    build.add_argument("--push", metavar="REGISTRY", help="also tag as REGISTRY/lmforge-<role>:<version> and push")
+    build.add_argument("--role", action="append", choices=["steps", "trainer"], help="only this image (repeatable)")
+    build.add_argument("--base-image", help="the images' base (default: python:3.11-slim-bookworm)")
+    build.add_argument("--wheelhouse", metavar="DIR",
+                       help="install only from this filled wheelhouse; the build then has no network")
+    build.add_argument("--trainer-variant", default="cu126", metavar="VARIANT",
+                       help="the trainer's torch build: cu126 (default), another cuXYZ, or cpu")
+    fill = p.add_argument_group("wheelhouse")
+    fill.add_argument("--torch-variant", default="cpu", metavar="VARIANT", help="torch build to fetch (default: cpu)")
+    fill.add_argument("--torch-index", metavar="URL",
+                      help="where torch comes from (default: PyTorch's index for the variant; '' = pip's sources)")
 
 
 def download_options(p: argparse.ArgumentParser) -> None:
@@ -421,7 +446,7 @@ COMMANDS: dict[str, Command] = {
     "schedule": Command(schedule, "a recurring run for scheduled retraining (one at a time, no catch-up)",
                         schedule_options),
     "runs": Command(runs, "list runs and recurring runs on Kubeflow Pipelines", runs_options),
-    "images": Command(images, "build (and push) the steps and trainer images with Docker", images_options),
+    "images": Command(images, "build (and push) the steps and trainer images with Docker; fill a wheelhouse", images_options),
     "corpora": Command(corpora, "list the named corpora a config's corpus.source accepts"),
     "download": Command(download, "fetch and verify a corpus into a directory", download_options),
     "preprocess": Command(preprocess, "dict.txt and binarized splits, as fairseq-preprocess --only-source",

@@ -71,7 +71,8 @@ def test_build_context_holds_the_package_and_nothing_else(role) -> None:
     assert names == {p for p in selected if (REPO / p).is_file()}
     assert {dockerfile, "pyproject.toml", "requirements.lock", "README.md", "src/lmforge/__init__.py",
             "src/lmforge/cli.py", "src/lmforge/configs/wikitext-2.yaml"} <= names
-    allowed = ("src/", "pyproject.toml", "requirements.lock", "README.md", "LICENSE", ".dockerignore", dockerfile)
+    allowed = ("src/", "pyproject.toml", "requirements.lock", "README.md", "LICENSE", ".dockerignore", dockerfile,
+               "wheelhouse/README.md")
     assert all(n.startswith(allowed) for n in names), sorted(n for n in names if not n.startswith(allowed))
     assert not any("__pycache__" in n or n.endswith(".pyc") or ".egg-info" in n for n in names)
     assert len(data) < 5 << 20, f"context of {len(data) >> 20} MiB: something large slipped in"
@@ -132,14 +133,45 @@ def test_a_refused_push_is_one_line() -> None:
         image_build.build_images(REPO, registry="r.local/ml", roles=["steps"], client=engine, progress=lambda _: None)
 
 
-@pytest.mark.docker
-@pytest.mark.slow
-def test_real_build() -> None:
-    try:
-        client = image_build.docker_client()
-    except image_build.LmforgeError as exc:
-        pytest.skip(f"no Docker engine here, the real build is skipped: {exc}")
-    specs = image_build.build_images(REPO, roles=["steps"], client=client)
-    image = client.images.get(specs[0].tags[0])
-    assert image.labels["org.opencontainers.image.version"] == __version__
-    assert image.attrs["Config"]["User"].split(":")[0] != "0"
+def fake_wheelhouse(path: Path, variant: str = "cpu") -> Path:
+    path.mkdir()
+    for name in [f"torch-2.13.0+{variant}-cp311-cp311-manylinux_2_28_x86_64.whl", "six-1.17.0-py2.py3-none-any.whl"]:
+        (path / name).write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: enough to be sent, not installed
+    (path / "wheelhouse.json").write_text("{}")
+    return path
+
+
+def test_a_wheelhouse_build_has_no_network_and_only_the_wheelhouse(tmp_path) -> None:
+    engine = RecordingEngine()
+    house = fake_wheelhouse(tmp_path / "wheels")
+    image_build.build_images(REPO, client=engine, progress=lambda _: None, base_image="local/debian:12",
+                             wheelhouse=house, trainer_variant="cpu")
+    builds = {b["tag"]: b for kind, b, *_ in engine.log if kind == "build"}
+    for tag, build in builds.items():
+        assert build["network_mode"] == "none", tag
+        assert build["buildargs"]["PIP_NO_INDEX"] == "1"
+        assert build["buildargs"]["PIP_FIND_LINKS"] == image_build.WHEELHOUSE_IN_IMAGE
+        assert build["buildargs"]["BASE_IMAGE"] == "local/debian:12"
+        assert {f"wheelhouse/{w.name}" for w in house.glob("*.whl")} <= build["files"]
+    assert builds[TRAINER_IMAGE]["buildargs"]["TORCH_VARIANT"] == "cpu"
+    assert builds[TRAINER_IMAGE]["labels"]["io.lmforge.torch-variant"] == "cpu"
+    assert "TORCH_VARIANT" not in builds[STEPS_IMAGE]["buildargs"], "the steps image is CPU by its Dockerfile"
+
+
+def test_without_options_the_dockerfiles_defaults_stand() -> None:
+    engine = RecordingEngine()
+    image_build.build_images(REPO, client=engine, progress=lambda _: None)
+    builds = {b["tag"]: b for kind, b, *_ in engine.log if kind == "build"}
+    assert builds[STEPS_IMAGE]["buildargs"] == {} and builds[STEPS_IMAGE]["network_mode"] is None
+    assert builds[TRAINER_IMAGE]["buildargs"] == {"TORCH_VARIANT": "cu126"}
+    assert not any(f.startswith("wheelhouse/") and f.endswith(".whl") for f in builds[STEPS_IMAGE]["files"])
+
+
+def test_a_wheelhouse_without_the_torch_build_is_one_line(tmp_path) -> None:
+    house = fake_wheelhouse(tmp_path / "wheels", variant="cpu")
+    with pytest.raises(image_build.LmforgeError, match=r"no torch==2\.13\.0\+cu126 wheel.*--torch-variant cu126"):
+        image_build.build_images(REPO, client=RecordingEngine(), progress=lambda _: None, wheelhouse=house)
+    (house / "wheelhouse.json").unlink()
+    with pytest.raises(image_build.LmforgeError, match="not a filled wheelhouse.*lmforge images wheelhouse"):
+        image_build.build_images(REPO, client=RecordingEngine(), progress=lambda _: None, wheelhouse=house,
+                                 trainer_variant="cpu")
