@@ -67,13 +67,23 @@ RUN pip install --no-cache-dir --no-deps --extra-index-url "${TORCH_INDEX_URL}" 
     && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
     && pip install --no-cache-dir --no-deps ve-fairseq==0.12.3
 
-# Step 4, then a smoke import: a missing runtime dependency fails the build,
-# not the first pipeline run.
+# A smoke import of the dependencies: a missing runtime dependency or a torch of
+# the wrong build fails the build, not the first pipeline run.
+RUN python3 -c "import torch, fairseq, mlflow, boto3, kfp, kubernetes; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+
+# Step 4 in a stage of its own: lmforge goes to /opt/lmforge (its console script
+# to /opt/lmforge-bin), which the runtime stage lays over the dependencies' venv.
+# A source change then rebuilds only these small layers; the ~2 GB venv layer of
+# the runtime stage stays cached.
+FROM builder AS app
+# Build arguments are per stage: building lmforge's wheel needs the same package sources.
+ARG PIP_INDEX_URL
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 COPY README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir --no-deps -c requirements.lock . \
-    && python3 -c "import torch, fairseq, mlflow, boto3, kfp, kubernetes, lmforge; assert torch.__version__ == '2.13.0+cpu', torch.__version__" \
-    && lmforge --version
+RUN pip install --no-cache-dir --no-deps --target /opt/lmforge . \
+    && mv /opt/lmforge/bin /opt/lmforge-bin
 
 
 FROM ${BASE_IMAGE}
@@ -88,6 +98,8 @@ RUN groupadd --gid 10001 lmforge \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin lmforge
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=app /opt/lmforge/ /opt/venv/lib/python3.11/site-packages/
+COPY --from=app /opt/lmforge-bin/ /opt/venv/bin/
 
 # GIT_PYTHON_REFRESH=quiet: mlflow imports GitPython, which warns on every
 # import when git is absent; git is not needed in a step.
@@ -97,6 +109,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     GIT_PYTHON_REFRESH=quiet \
     HOME=/home/lmforge
+
+# The assembled venv imports lmforge, and its console script runs.
+RUN /opt/venv/bin/python3 -c "import lmforge.cli, lmforge.worker" && /opt/venv/bin/lmforge --version
 
 USER 10001:10001
 WORKDIR /home/lmforge

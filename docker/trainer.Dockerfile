@@ -69,13 +69,23 @@ RUN pip install --no-cache-dir --no-deps --extra-index-url "${TORCH_INDEX_URL}" 
     && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
     && pip install --no-cache-dir --no-deps ve-fairseq==0.12.3
 
-# lmforge itself, non-editable, then a smoke import (no GPU is needed to import
-# a CUDA torch): a missing dependency or a torch of another variant fails the build.
+# A smoke import of the dependencies (no GPU is needed to import a CUDA torch):
+# a missing runtime dependency or a torch of another variant fails the build.
+RUN python3 -c "import torch, fairseq, mlflow, boto3; assert torch.__version__ == '2.13.0+${TORCH_VARIANT}', torch.__version__; assert (torch.version.cuda is None) == ('${TORCH_VARIANT}' == 'cpu')"
+
+# Step 4 in a stage of its own: lmforge goes to /opt/lmforge (its console script
+# to /opt/lmforge-bin), which the runtime stage lays over the dependencies' venv.
+# A source change then rebuilds only these small layers; the ~2 GB venv layer of
+# the runtime stage stays cached.
+FROM builder AS app
+# Build arguments are per stage: building lmforge's wheel needs the same package sources.
+ARG PIP_INDEX_URL
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 COPY README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir --no-deps -c requirements.lock . \
-    && python3 -c "import torch, fairseq, mlflow, boto3, lmforge; assert torch.__version__ == '2.13.0+${TORCH_VARIANT}', torch.__version__; assert (torch.version.cuda is None) == ('${TORCH_VARIANT}' == 'cpu')" \
-    && lmforge --version
+RUN pip install --no-cache-dir --no-deps --target /opt/lmforge . \
+    && mv /opt/lmforge/bin /opt/lmforge-bin
 
 
 FROM ${BASE_IMAGE}
@@ -90,6 +100,8 @@ RUN groupadd --gid 10001 lmforge \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin lmforge
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=app /opt/lmforge/ /opt/venv/lib/python3.11/site-packages/
+COPY --from=app /opt/lmforge-bin/ /opt/venv/bin/
 
 # NVIDIA_DRIVER_CAPABILITIES: what the container toolkit mounts from the host
 # driver (compute: libcuda; utility: nvidia-smi). NVIDIA_VISIBLE_DEVICES is
@@ -105,6 +117,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     GIT_PYTHON_REFRESH=quiet \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     HOME=/home/lmforge
+
+# The assembled venv imports lmforge, and its console script runs.
+RUN /opt/venv/bin/python3 -c "import lmforge.cli, lmforge.worker" && /opt/venv/bin/lmforge --version
 
 USER 10001:10001
 WORKDIR /home/lmforge
