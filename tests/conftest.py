@@ -4,7 +4,9 @@ The text is WikiText-2's valid and test splits from ../shared/data where that fo
 and seeded WikiText-shaped text (tests/synthetic_text.py) where it is absent, as on a fresh clone:
 every stage runs either way. Only tests whose point is WikiText itself (catalog pins, published
 sizes and digests) carry `needs_wikitext` and skip without it. LMFORGE_TEST_SHARED_DATA names
-another shared data folder; a path that does not exist acts as a fresh clone:
+another shared data folder; a path that does not exist acts as a fresh clone. Upstream schemas
+(the Training Operator's PyTorchJob CRD) come from ../shared/schemas the same way
+(LMFORGE_TEST_SHARED_SCHEMAS); the tests that check against them skip without it:
 
     LMFORGE_TEST_SHARED_DATA=/nonexistent PYTHONPATH=src .venv/bin/python -m pytest
 """
@@ -23,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LMFORGE_TEST_SHARED_DATA") or REPO.parent / "shared" / "data")
 WIKITEXT_DIR = SHARED_DATA / "wikitext-2"
 HAVE_WIKITEXT = (WIKITEXT_DIR / "valid.txt").is_file() and (WIKITEXT_DIR / "test.txt").is_file()
+SHARED_SCHEMAS = Path(os.environ.get("LMFORGE_TEST_SHARED_SCHEMAS") or REPO.parent / "shared" / "schemas")
 VENV_BIN = Path(sys.executable).parent
 
 needs_wikitext = pytest.mark.skipif(

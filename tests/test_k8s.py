@@ -3,9 +3,12 @@
 Every YAML file passes yamllint (its default rules) and every object validates
 strictly against the Kubernetes OpenAPI schemas that kubernetes-validate ships.
 The PyTorchJob is a custom resource those schemas do not cover: its fields are
-checked here and each replica's pod template is validated as a v1 Pod. Beyond
-the schemas: the Role grants exactly what the train step needs, no manifest
-carries a real secret, and the kustomization names only files that exist.
+checked here, each replica's pod template is validated as a v1 Pod, and the job
+against the Training Operator's own CRD (nothing pruned as unknown) and admission
+rules where ../shared/schemas holds the CRD (tests/pytorchjob_crd.py). Beyond
+the schemas: the Role grants exactly what the train step needs (and the
+launcher's authorization error says so), no manifest carries a real secret, and
+the kustomization names only files that exist.
 
     .venv/bin/pytest tests/test_k8s.py
 """
@@ -26,6 +29,9 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from lmforge.images import TRAINER_IMAGE
+from lmforge.training.launchers import k8s_api
+from lmforge.training.launchers.pytorchjob import admission_problems
+from pytorchjob_crd import needs_crd, pruned_fields, schema_problems
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -111,6 +117,18 @@ def test_pytorchjob_pod_templates_validate_as_pods(version: str) -> None:
         kubernetes_validate.validate(pod, version, strict=True)
 
 
+@needs_crd
+def test_pytorchjobs_are_valid_for_the_training_operator() -> None:
+    """Every PyTorchJob in k8s/: the operator's CRD schema (release 1.9), no field the API server would
+    prune as unknown, and the operator's admission rules."""
+    jobs = [(path, obj) for path, obj in all_objects() if obj["kind"] == "PyTorchJob"]
+    assert jobs
+    for path, job in jobs:
+        assert schema_problems(job) == [], path.name
+        assert pruned_fields(job) == [], path.name
+        assert admission_problems(job) == [], path.name
+
+
 def test_pytorchjob_fields() -> None:
     job = one("PyTorchJob")
     assert job["apiVersion"] == "kubeflow.org/v1"
@@ -173,6 +191,19 @@ def test_role_grants_exactly_what_the_train_step_needs() -> None:
         {"kind": "ServiceAccount", "name": "pipeline-runner"}, {"kind": "ServiceAccount", "name": "default-editor"},
     ]
     assert not any(rule["resources"] == ["secrets"] or "secrets" in rule["resources"] for rule in role["rules"])
+
+
+def test_the_launchers_authorization_error_names_what_the_role_grants() -> None:
+    """A 401/403 ends the train step with k8s_api.RBAC in its one line: it lists this Role's rules."""
+    role = one("Role")
+    assert f"k8s/rbac.yaml (Role {role['metadata']['name']}: " in k8s_api.RBAC
+    for rule in role["rules"]:
+        verbs = rule["verbs"]
+        listed = f"{', '.join(verbs[:-1])} and {verbs[-1]}" if len(verbs) > 1 else verbs[0]
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                qualified = f"{resource}.{group}" if group else resource
+                assert f"{listed} on {qualified}" in k8s_api.RBAC, (qualified, k8s_api.RBAC)
 
 
 def test_nothing_is_cluster_scoped_or_pinned_to_a_namespace() -> None:

@@ -1,17 +1,20 @@
-"""The PyTorchJob launcher: the manifest it renders (operator admission rules, kubernetes-validate,
-the reference copy in k8s/) and its conversation with the Kubernetes API.
+"""The PyTorchJob launcher: the manifest it renders (kubernetes-validate, the reference copy in
+k8s/; the operator's CRD and admission rules in test_pytorchjob_crd.py), its conversation with the
+Kubernetes API (errors: k8s_api) and its cleanup when the step is stopped.
 
 The API server is the one mock of this suite: there is no cluster here, so `StubKubernetes`
 answers on 127.0.0.1 the handful of requests the launcher makes (create/get/delete a
-PyTorchJob, get a pod, follow its log), with a job that runs, succeeds, fails or never ends as a
-test scripts it. The launcher reaches it through an ordinary kubeconfig (KUBECONFIG), as it
-would a real cluster.
+PyTorchJob, get a pod, follow its log), with a job that runs, succeeds, fails or never ends, and
+errors (401, 403, 429, 5xx) or a slow delete, as a test scripts it. The launcher reaches it
+through an ordinary kubeconfig (KUBECONFIG), as it would a real cluster.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,7 +37,7 @@ from lmforge.training.distributed import (
     operator_env,
     read_environment,
 )
-from lmforge.training.launchers import pytorchjob
+from lmforge.training.launchers import k8s_api, pytorchjob
 
 ARGS = ["--config", "s3://b/run/checkpoints/run-config.json", "--data", "s3://b/data-bin", "--save-dir",
         "s3://b/run/checkpoints", "--mlflow-run-id", "abc"]
@@ -117,24 +120,6 @@ def test_the_operators_variables_for_the_rendered_job_give_every_process_one_ran
     assert ranks == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0), (5, 1)]
 
 
-def test_admission_rules_reject_what_the_operator_rejects():
-    good = pytorchjob.render(job_config("train.nnodes=2"), ARGS, "lmforge-x")
-
-    def problems(mutate) -> str:
-        job = json.loads(json.dumps(good))
-        mutate(job)
-        return " ".join(pytorchjob.admission_problems(job))
-
-    specs = lambda job: job["spec"]["pytorchReplicaSpecs"]  # noqa: E731
-    assert "only Master and Worker" in problems(lambda j: specs(j).update(Chief=specs(j)["Worker"]))
-    assert "exactly one Master" in problems(lambda j: specs(j)["Master"].update(replicas=2))
-    assert "exactly one Master" in problems(lambda j: specs(j).pop("Master"))
-    assert "no container named 'pytorch'" in problems(
-        lambda j: specs(j)["Worker"]["template"]["spec"]["containers"][0].update(name="trainer"))
-    assert "has no image" in problems(lambda j: specs(j)["Master"]["template"]["spec"]["containers"][0].pop("image"))
-    assert "DNS-1035" in problems(lambda j: j["metadata"].update(name="Run_1"))
-
-
 def test_reference_manifest_in_k8s_is_the_renderer_output():
     """k8s/pytorchjob.yaml is generated; LMFORGE_REGENERATE=1 rewrites it."""
     reference = REPO / "k8s" / "pytorchjob.yaml"
@@ -163,11 +148,17 @@ class StubKubernetes:
     """Answers the Kubernetes API requests the launcher makes (see the module docstring).
 
     `outcome` scripts every job: "Succeeded" or "Failed" once the Master's log has been served
-    completely, or None to stay Running forever.
+    completely, or None to stay Running forever. `job_errors` are the statuses the next reads of a
+    job answer with (one each, then the job; `refuse_jobs` answers every read with its status);
+    `delete_delay_s` makes a delete take that long (the answer comes after it, as with a
+    Foreground deletion). `job_reads` records (time.monotonic(), status) of every read of a job.
     """
 
-    def __init__(self, outcome: str | None = "Succeeded", log_lines: int = 5) -> None:
+    def __init__(self, outcome: str | None = "Succeeded", log_lines: int = 5, *, job_errors: tuple[int, ...] = (),
+                 refuse_jobs: int | None = None, delete_delay_s: float = 0.0) -> None:
         self.outcome, self.log_lines = outcome, log_lines
+        self.job_errors, self.refuse_jobs, self.delete_delay_s = list(job_errors), refuse_jobs, delete_delay_s
+        self.job_reads: list[tuple[float, int]] = []
         self.jobs: dict[str, dict] = {}
         self.created: list[str] = []
         self.create_attempts = 0
@@ -224,6 +215,19 @@ class StubKubernetes:
                 self.reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
                                  "code": 404, "message": f"{what} not found"})
 
+            def error(self, code: int, name: str) -> None:
+                """An error Status as the API server words it (Forbidden names the user and the verb)."""
+                reason, message = {
+                    401: ("Unauthorized", "Unauthorized"),
+                    403: ("Forbidden", f'pytorchjobs.kubeflow.org "{name}" is forbidden: User '
+                                       '"system:serviceaccount:team-a:default-editor" cannot get resource "pytorchjobs" '
+                                       'in API group "kubeflow.org" in the namespace "team-a"'),
+                    429: ("TooManyRequests", "the server has received too many requests and has asked us to try "
+                                             "again later"),
+                }.get(code, ("InternalError", "etcdserver: request timed out"))
+                self.reply(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+                                  "code": code, "message": message})
+
             def parts(self) -> list[str]:
                 return urlsplit(self.path).path.strip("/").split("/")
 
@@ -245,6 +249,11 @@ class StubKubernetes:
             def do_GET(self):
                 p = self.parts()
                 if p[:6] == ["apis", "kubeflow.org", "v1", "namespaces", "team-a", "pytorchjobs"]:
+                    with stub.lock:
+                        code = stub.job_errors.pop(0) if stub.job_errors else stub.refuse_jobs
+                        stub.job_reads.append((time.monotonic(), code or (200 if p[6] in stub.jobs else 404)))
+                    if code:
+                        return self.error(code, p[6])
                     job = stub.jobs.get(p[6])
                     if job is None:
                         return self.not_found(p[6])
@@ -271,6 +280,7 @@ class StubKubernetes:
 
             def do_DELETE(self):
                 p = self.parts()
+                time.sleep(stub.delete_delay_s)
                 with stub.lock:
                     if stub.jobs.pop(p[6], None) is None:
                         return self.not_found(p[6])
@@ -280,7 +290,9 @@ class StubKubernetes:
         return Handler
 
     def close(self) -> None:
+        """Stop answering and close the port: a request after it finds nobody (connection refused)."""
         self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture
@@ -312,6 +324,8 @@ def test_launch_creates_the_job_streams_the_master_log_and_returns_on_success(cl
     ]
     assert stub.jobs["lmforge-run-1"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
         "command"] == ["lmforge", "worker", *ARGS]
+    # what reaches the API server is `render`'s output, which test_pytorchjob_crd.py checks against the operator
+    assert stub.jobs["lmforge-run-1"] == pytorchjob.render(job_config(*FAST), ARGS, "lmforge-run-1")
 
 
 def test_a_retried_step_attaches_to_the_running_job_instead_of_creating_another(cluster, capsys):
@@ -344,23 +358,133 @@ def test_a_job_that_does_not_finish_in_time_is_deleted(cluster):
     assert stub.deleted == ["lmforge-run-5"]
 
 
-def test_sigterm_deletes_the_job_and_exits_143(cluster, tmp_path):
-    stub = cluster(outcome=None)
+def test_only_the_first_stop_signal_interrupts_later_ones_are_counted():
+    """The first SIGTERM raises StepTerminated; a second SIGTERM and a SIGINT while it is handled (the
+    delete) do not interrupt it; afterwards the previous handlers are back."""
+    before = {s: signal.getsignal(s) for s in pytorchjob.StopSignals.SIGNALS}
+    signals = pytorchjob.StopSignals()
+    handled = False
+    try:
+        signals.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("SIGTERM did not stop the step")
+    except pytorchjob.StepTerminated as stop:
+        assert stop.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        handled = True  # reached: neither raised
+    finally:
+        signals.restore()
+    assert handled and signals.ignored == 2
+    assert {s: signal.getsignal(s) for s in pytorchjob.StopSignals.SIGNALS} == before
+
+
+def _launcher_process(stub: StubKubernetes, tmp_path: Path, name: str) -> subprocess.Popen:
+    """`launch` in a process of its own (signals go to it, not to pytest), against the stub, once it
+    has created the job and follows the Master's log."""
     config_file = tmp_path / "run.json"
     config_file.write_text(job_config(*FAST).to_json())
     code = (
-        "import sys; from lmforge import config; from lmforge.training.launchers import pytorchjob; "
-        f"pytorchjob.launch(config.from_json(open({str(config_file)!r}).read()), [], job_name='lmforge-run-6')"
+        "from lmforge import config, logs; from lmforge.training.launchers import pytorchjob; logs.setup_logging(); "
+        f"pytorchjob.launch(config.from_json(open({str(config_file)!r}).read()), [], job_name={name!r})"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
-    while "lmforge-run-6" not in stub.log_served and time.monotonic() < deadline:  # created, log being followed
-        time.sleep(0.1)
-    assert stub.created == ["lmforge-run-6"], proc.stdout.read() if proc.poll() is not None else "not created"
-    proc.send_signal(signal.SIGTERM)
+    while name not in stub.log_served and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert stub.created == [name], proc.communicate()[0] if proc.poll() is not None else "not created"
+    return proc
+
+
+STOPS = {
+    # what `timeout` and some supervisors do: SIGTERM, then SIGTERM again before the first is handled
+    "SIGTERM twice": (signal.SIGTERM, [signal.SIGTERM], 143),
+    # SIGTERM, then every 20 ms SIGTERM or SIGINT (Ctrl-C) until the slow delete has been answered
+    "SIGTERM, then a storm": (signal.SIGTERM, [signal.SIGTERM, signal.SIGINT] * 40, 143),
+    "Ctrl-C, then a storm": (signal.SIGINT, [signal.SIGINT, signal.SIGTERM] * 40, 130),
+}
+
+
+@pytest.mark.parametrize("stop", STOPS, ids=list(STOPS))
+def test_a_stopped_step_deletes_the_job_whatever_signals_follow(cluster, tmp_path, stop):
+    """The launcher runs in a subprocess against the stub API server (no cluster here); its delete takes
+    1 s, so the later signals arrive while the first one is handled and while the delete is on its way.
+    The job is deleted once, and the process exits 128 + the first signal (pytorchjob's docstring)."""
+    first, then, status = STOPS[stop]
+    stub = cluster(outcome=None, delete_delay_s=1.0)
+    proc = _launcher_process(stub, tmp_path, "lmforge-run-6")
+    proc.send_signal(first)
+    for i, signum in enumerate(then):
+        if i and (stub.deleted or proc.poll() is not None):
+            break
+        proc.send_signal(signum)
+        time.sleep(0.02 if len(then) > 1 else 0)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 143, output[-2000:]
+    assert proc.returncode == status, output[-3000:]
     assert stub.deleted == ["lmforge-run-6"]
+    assert "Traceback" not in output, output[-3000:]
+    assert f"{signal.Signals(first).name}: deleting PyTorchJob team-a/lmforge-run-6" in output
+
+
+# ------------------------------------------------------------------ errors of the API server
+
+
+@pytest.mark.parametrize("status", [403, 401])
+def test_an_authorization_error_ends_the_step_at_once_with_one_line_naming_the_rbac(cluster, caplog, status):
+    stub = cluster(outcome=None, refuse_jobs=status)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO), pytest.raises(LmforgeError) as raised:
+        pytorchjob.launch(job_config(*FAST), ARGS, job_name="lmforge-run-7")
+    message = str(raised.value)
+    assert time.monotonic() - started < 10, "not retried until the step's timeout"
+    assert "\n" not in message and message.startswith("cannot get PyTorchJob team-a/lmforge-run-7: ")
+    assert f"{status} " in message and "k8s/rbac.yaml" in message and "get, list, watch" in message
+    if status == 403:  # the API server's own words name the ServiceAccount
+        assert 'User "system:serviceaccount:team-a:default-editor" cannot get resource "pytorchjobs"' in message
+    assert message.endswith("the job was deleted") and stub.deleted == ["lmforge-run-7"], "nothing left unwatched"
+    assert [code for _, code in stub.job_reads] == [status], "one read, no retries"
+    assert not [r for r in caplog.records if r.name == k8s_api.__name__ and r.levelno >= logging.WARNING]
+
+
+def test_transient_errors_are_waited_out_with_exponential_back_off_and_logged_once_each(cluster, caplog):
+    """503, 429 and 500 answers in a row: every wait doubles (poll_s 0.05 s: 0.05, 0.1, 0.2, ...) instead
+    of polling on; one warning per distinct error, one line when the API answers again; the job's
+    success is still seen."""
+    errors = (503, 429, 503, 500, 429)
+    stub = cluster(job_errors=errors)
+    with caplog.at_level(logging.INFO, logger=k8s_api.__name__):
+        pytorchjob.launch(job_config(*FAST), ARGS, job_name="lmforge-run-8")
+    reads = stub.job_reads
+    assert [code for _, code in reads[:len(errors)]] == list(errors) and reads[len(errors)][1] == 200
+    waits = [later - earlier for (earlier, _), (later, _) in zip(reads, reads[1:len(errors) + 1])]
+    for n, wait in enumerate(waits):
+        assert wait >= 0.05 * 2 ** n * 0.95, f"wait {n} was {wait:.3f} s: {waits}"
+    records = [r for r in caplog.records if r.name == k8s_api.__name__]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3 and [w.split(": ")[1].split()[0] for w in warnings] == ["503", "429", "500"], warnings
+    (recovered,) = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    assert re.fullmatch(rf"read PyTorchJob team-a/lmforge-run-8: the API server answers again, after {len(errors)} "
+                        r"failed tries in \d+ s", recovered), recovered
+
+
+def test_an_unreachable_api_server_is_waited_for_with_back_off_until_the_deadline(cluster, caplog, monkeypatch):
+    """No answer at all (the port closed): reads back off instead of spinning, the error is logged once,
+    and at the deadline the step says the job could not be deleted and how to delete it."""
+    monkeypatch.setattr(k8s_api, "DELETE_PATIENCE_S", 0.5)
+    stub = cluster()
+    client = pytorchjob._client("team-a")
+    stub.close()
+    reads = []
+    get_job = client.get_job
+    monkeypatch.setattr(client, "get_job", lambda *a, **k: reads.append(time.monotonic()) or get_job(*a, **k))
+    with caplog.at_level(logging.WARNING), pytest.raises(LmforgeError) as raised:
+        pytorchjob.wait_for_end(client, "lmforge-run-9", "team-a", timeout_s=1.5, poll_s=0.05)
+    assert str(raised.value).startswith("PyTorchJob team-a/lmforge-run-9 did not finish within 2 s")
+    assert "cannot delete PyTorchJob team-a/lmforge-run-9: no answer (" in str(raised.value)
+    assert str(raised.value).endswith("delete it by hand: kubectl -n team-a delete pytorchjob lmforge-run-9")
+    assert 4 <= len(reads) <= 7, f"{len(reads)} reads in 1.5 s: polling every 0.05 s would be 30"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # none of urllib3's
+    assert warning.startswith("cannot read PyTorchJob team-a/lmforge-run-9: no answer (") and "refused" in warning
 
 
 def test_the_compiled_pipeline_trains_as_a_pytorchjob_and_lmforge_run_locally():

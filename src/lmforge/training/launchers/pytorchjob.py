@@ -13,7 +13,11 @@ own failure reason. On the way:
 - `launch` creates the job, or attaches to the one an earlier attempt of the same step created
   (same name: KFP retries a failed step with the same pipeline run id), streams the Master's log
   into this step's log, waits for Succeeded or Failed with a timeout, and deletes the job when
-  this step is stopped (SIGTERM) or times out.
+  this step times out or is stopped: the first SIGTERM or SIGINT starts the delete, any signal
+  after it is ignored until the delete is done, and the process then exits 128 + the first
+  signal's number (143 after SIGTERM, 130 after SIGINT);
+- the API's errors (k8s_api): 401/403 end the step at once with one line naming k8s/rbac.yaml,
+  transient ones (429, 5xx, no answer) are waited out with exponential back-off, logged once each.
 
 k8s/pytorchjob.yaml is `render`'s output for example inputs (a golden test keeps them equal).
 
@@ -35,6 +39,7 @@ from typing import Any
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
 from lmforge.training.distributed import OPERATOR_PORT, OPERATOR_PORT_NAME
+from lmforge.training.launchers import k8s_api
 from lmforge.training.worker import CACHE_ENV
 
 log = logging.getLogger(__name__)
@@ -49,7 +54,41 @@ _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 class StepTerminated(BaseException):
-    """SIGTERM reached the launcher (the pipeline run was stopped)."""
+    """SIGTERM or SIGINT reached the launcher (the pipeline run was stopped, or Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT while a job is watched: the first raises StepTerminated in the main thread;
+    every later one is only counted, so that nothing (a second SIGTERM from `timeout` or a
+    supervisor, a Ctrl-C) interrupts the delete. Handlers log nothing: a write from a signal
+    handler into a stream the main thread is writing raises (a reentrant call)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self.ignored = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.first is not None:
+            self.ignored += 1
+            return
+        self.first = signum
+        raise StepTerminated(signum)
+
+    def install(self) -> None:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 def job_name(run: str) -> str:
@@ -179,26 +218,39 @@ def render(cfg: RunConfig, worker_args: list[str], name: str, *, run: str = "") 
 
 
 def admission_problems(job: dict[str, Any]) -> list[str]:
-    """The Training Operator's admission rules for a PyTorchJob (its validating webhook), as problems."""
+    """The Training Operator's admission rules for a PyTorchJob (its validating webhook,
+    pkg/webhooks/pytorch/pytorchjob_webhook.go of release 1.9), as problems. A job without a
+    Master is admitted (elastic jobs have none); `render` always writes one."""
     problems = []
     name = job.get("metadata", {}).get("name", "")
     if len(name) > 63 or not _DNS1035.match(name):
         problems.append(f"metadata.name: {name!r} is not a DNS-1035 label")
-    specs = job.get("spec", {}).get("pytorchReplicaSpecs") or {}
+    spec = job.get("spec", {})
+    specs = spec.get("pytorchReplicaSpecs")
+    if specs is None:
+        problems.append("spec.pytorchReplicaSpecs: required")
+    specs = specs or {}
     if set(specs) - {"Master", "Worker"}:
         problems.append(f"spec.pytorchReplicaSpecs: only Master and Worker, not {sorted(set(specs) - {'Master', 'Worker'})}")
-    if "Master" not in specs or specs["Master"].get("replicas") != 1:
-        problems.append("spec.pytorchReplicaSpecs.Master.replicas: exactly one Master")
-    for role, spec in specs.items():
-        if role == "Worker" and spec.get("replicas", 1) < 1:
+    if "Master" in specs and specs["Master"].get("replicas") != 1:
+        problems.append("spec.pytorchReplicaSpecs.Master.replicas: must be set, to exactly 1")
+    if "elasticPolicy" in spec:
+        if "Worker" not in specs:
+            problems.append("spec.pytorchReplicaSpecs.Worker: required with an elasticPolicy")
+        if "nProcPerNode" in (spec["elasticPolicy"] or {}) and "nprocPerNode" in spec:
+            problems.append("spec.elasticPolicy.nProcPerNode: not with spec.nprocPerNode")
+    for role, replica in specs.items():
+        if role == "Worker" and replica.get("replicas", 1) < 1:
             problems.append("spec.pytorchReplicaSpecs.Worker.replicas: must be at least 1")
-        containers = spec.get("template", {}).get("spec", {}).get("containers") or []
+        containers = replica.get("template", {}).get("spec", {}).get("containers") or []
+        if not containers:
+            problems.append(f"spec.pytorchReplicaSpecs.{role}: at least one container")
         if not any(c.get("name") == CONTAINER for c in containers):
             problems.append(f"spec.pytorchReplicaSpecs.{role}: no container named {CONTAINER!r}")
         for container in containers:
             if not container.get("image"):
                 problems.append(f"spec.pytorchReplicaSpecs.{role}: container {container.get('name')!r} has no image")
-    policy = job.get("spec", {}).get("runPolicy", {})
+    policy = spec.get("runPolicy") or {}  # refused by later releases' webhook (ValidateRunPolicy)
     for field in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
         if field in policy and policy[field] < 0:
             problems.append(f"spec.runPolicy.{field}: must be >= 0")
@@ -226,17 +278,16 @@ def credentials_problem() -> str | None:
 
 def _client(namespace: str) -> Any:
     from kubeflow.training import TrainingClient
+    from kubernetes.client import Configuration
 
     problem = credentials_problem()
     if problem:
         raise LmforgeError(problem)
-    return TrainingClient(config_file=os.environ.get("KUBECONFIG"), namespace=namespace, job_kind="PyTorchJob")
-
-
-def _status_code(exc: BaseException) -> int | None:
-    """The HTTP status behind a TrainingClient error (it wraps the ApiException)."""
-    cause = exc if hasattr(exc, "status") else exc.__cause__
-    return getattr(cause, "status", None)
+    configuration = Configuration.get_default_copy()  # what credentials_problem loaded
+    # k8s_api.Backoff is the one retry policy: urllib3's own 3 immediate retries would log a warning
+    # each, at every poll of an unreachable API server.
+    configuration.retries = 0
+    return TrainingClient(client_configuration=configuration, namespace=namespace, job_kind="PyTorchJob")
 
 
 def terminal_condition(job: Any) -> Any | None:
@@ -258,47 +309,25 @@ def create_or_attach(client: Any, job: Any, namespace: str) -> str:
             client.create_job(job=job, namespace=namespace)
             log.info("created PyTorchJob %s/%s", namespace, name)
             return "created"
-        except RuntimeError as exc:
-            if _status_code(exc) != 409:
-                raise LmforgeError(f"cannot create PyTorchJob {namespace}/{name}: {exc}") from None
+        except (RuntimeError, TimeoutError) as exc:
+            if k8s_api.status_code(exc) != 409:
+                raise k8s_api.refusal(exc, f"create PyTorchJob {namespace}/{name}", namespace) or LmforgeError(
+                    f"cannot create PyTorchJob {namespace}/{name}: {k8s_api.describe(exc)}") from None
         try:
             existing = client.get_job(name, namespace)
-        except RuntimeError as exc:
-            if _status_code(exc) == 404:
+        except (RuntimeError, TimeoutError) as exc:
+            if k8s_api.status_code(exc) == 404:
                 continue  # deleted meanwhile: create it
-            raise LmforgeError(f"cannot read PyTorchJob {namespace}/{name}: {exc}") from None
+            raise k8s_api.refusal(exc, f"get PyTorchJob {namespace}/{name}", namespace) or LmforgeError(
+                f"cannot read PyTorchJob {namespace}/{name}: {k8s_api.describe(exc)}") from None
         condition = terminal_condition(existing)
         if condition is None or condition.type == "Succeeded":
             log.info("attaching to PyTorchJob %s/%s, created by an earlier attempt of this step", namespace, name)
             return "attached"
         log.info("PyTorchJob %s/%s of an earlier attempt failed (%s); replacing it", namespace, name, condition.reason)
-        _delete(client, name, namespace)
-        _wait_gone(client, name, namespace)
+        k8s_api.delete_job(client, name, namespace)
+        k8s_api.wait_gone(client, name, namespace)
     raise LmforgeError(f"PyTorchJob {namespace}/{name} keeps reappearing; delete it by hand")
-
-
-def _delete(client: Any, name: str, namespace: str) -> None:
-    from kubernetes.client import V1DeleteOptions
-
-    try:
-        # Foreground: the pods go before the job does, so a new job cannot meet the old pods
-        client.delete_job(name, namespace, delete_options=V1DeleteOptions(propagation_policy="Foreground"))
-        log.info("deleted PyTorchJob %s/%s", namespace, name)
-    except RuntimeError as exc:
-        if _status_code(exc) != 404:
-            raise LmforgeError(f"cannot delete PyTorchJob {namespace}/{name}: {exc}") from None
-
-
-def _wait_gone(client: Any, name: str, namespace: str, timeout_s: float = 300.0, poll_s: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            client.get_job(name, namespace)
-        except RuntimeError as exc:
-            if _status_code(exc) == 404:
-                return
-        time.sleep(poll_s)
-    raise LmforgeError(f"PyTorchJob {namespace}/{name} was not deleted within {timeout_s:.0f} s")
 
 
 def _stamp_key(stamp: str) -> str:
@@ -322,9 +351,16 @@ class MasterLog(threading.Thread):
         self._stop_event = threading.Event()
         self._last = ""
         self.lines = 0
+        self.refused = False
 
     def stop(self) -> None:
         self._stop_event.set()
+
+    def finish(self, timeout_s: float = 10.0) -> None:
+        """Stop following, after the rest of the log as far as it arrives within timeout_s."""
+        self.stop()
+        if self.is_alive():
+            self.join(timeout=timeout_s)
 
     def run(self) -> None:
         from kubernetes import watch
@@ -346,33 +382,47 @@ class MasterLog(threading.Thread):
                         self.out.flush()
                         self.lines += 1
             except Exception as exc:  # not there yet, or the connection dropped: try again
+                if k8s_api.status_code(exc) in k8s_api.AUTHORIZATION and not self.refused:
+                    self.refused = True  # training goes on; say once why its log does not
+                    log.warning("cannot follow the log of %s: %s; the train step needs %s", self.pod,
+                                k8s_api.describe(exc), k8s_api.RBAC)
                 log.debug("log of %s not available yet: %s", self.pod, exc)
             self._stop_event.wait(self.poll_s)
 
 
+def _given_up(client: Any, name: str, namespace: str, why: str) -> LmforgeError:
+    """The step stops watching the job: delete it (nothing left running that nobody watches), and say why."""
+    try:
+        k8s_api.delete_job(client, name, namespace)
+    except LmforgeError as exc:
+        return LmforgeError(f"{why}; {exc}")
+    return LmforgeError(f"{why}; the job was deleted")
+
+
 def wait_for_end(client: Any, name: str, namespace: str, *, timeout_s: float, poll_s: float) -> Any:
-    """The job's terminal condition; deletes the job and raises when it has not finished in time."""
+    """The job's terminal condition; deletes the job and raises when it has not finished in time, or
+    cannot be read (401/403 at once; transient errors are waited out with back-off until then)."""
+    what = f"PyTorchJob {namespace}/{name}"
     deadline = time.monotonic() + timeout_s
-    failures = 0
+    backoff = k8s_api.Backoff(f"read {what}", base_s=poll_s)
     while True:
+        delay = poll_s
         try:
             condition = terminal_condition(client.get_job(name, namespace))
-            failures = 0
-        except RuntimeError as exc:
-            if _status_code(exc) == 404:
-                raise LmforgeError(f"PyTorchJob {namespace}/{name} disappeared (deleted by someone else?)") from None
-            failures += 1  # the API server is briefly unreachable: keep waiting
-            log.warning("cannot read PyTorchJob %s/%s (%d): %s", namespace, name, failures, exc)
-            condition = None
+            backoff.succeeded()
+        except (RuntimeError, TimeoutError) as exc:
+            if k8s_api.status_code(exc) == 404:
+                raise LmforgeError(f"{what} disappeared (deleted by someone else?)") from None
+            if not k8s_api.is_transient(exc):
+                why = k8s_api.refusal(exc, f"get {what}", namespace) or f"cannot read {what}: {k8s_api.describe(exc)}"
+                raise _given_up(client, name, namespace, str(why)) from None
+            condition, delay = None, backoff.failed(exc)
         if condition is not None:
             return condition
         if time.monotonic() > deadline:
-            _delete(client, name, namespace)
-            raise LmforgeError(
-                f"PyTorchJob {namespace}/{name} did not finish within {timeout_s:.0f} s (train.pytorchjob.timeout_s); "
-                "it was deleted"
-            )
-        time.sleep(poll_s)
+            raise _given_up(client, name, namespace,
+                            f"{what} did not finish within {timeout_s:.0f} s (train.pytorchjob.timeout_s)")
+        time.sleep(delay)
 
 
 def launch(cfg: RunConfig, worker_args: list[str], *, job_name: str, run: str = "") -> None:
@@ -385,28 +435,25 @@ def launch(cfg: RunConfig, worker_args: list[str], *, job_name: str, run: str = 
     assert not problems, problems  # render's own invariant
     client = _client(namespace)
     timeout_s = j.timeout_s or j.active_deadline_seconds + 3600
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise StepTerminated()
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    follower = None
+    follower = MasterLog(client, job_name, namespace, poll_s=min(j.poll_s, 5.0))
+    signals = StopSignals()
     try:
+        signals.install()  # inside the try: a signal right after it is already the delete's
         create_or_attach(client, job, namespace)
-        follower = MasterLog(client, job_name, namespace, poll_s=min(j.poll_s, 5.0))
         follower.start()
         condition = wait_for_end(client, job_name, namespace, timeout_s=timeout_s, poll_s=j.poll_s)
-    except StepTerminated:
-        log.warning("SIGTERM: deleting PyTorchJob %s/%s", namespace, job_name)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _delete(client, job_name, namespace)
-        raise SystemExit(143) from None
+        follower.finish()
+    except StepTerminated as stop:
+        # From here on signals are only counted (StopSignals): nothing stops the delete.
+        log.warning("%s: deleting PyTorchJob %s/%s", signal.Signals(stop.signum).name, namespace, job_name)
+        k8s_api.delete_job(client, job_name, namespace)
+        follower.finish()
+        if signals.ignored:
+            log.warning("%d more signal(s) arrived while deleting; ignored", signals.ignored)
+        raise SystemExit(128 + stop.signum) from None
     finally:
-        if signal.getsignal(signal.SIGTERM) is terminate:
-            signal.signal(signal.SIGTERM, previous)
-        if follower is not None:
-            follower.stop()
-            follower.join(timeout=10)  # the rest of the Master's log, as far as it arrives
+        follower.stop()  # when wait_for_end raised
+        signals.restore()
     if condition.type == "Failed":
         raise LmforgeError(f"PyTorchJob {namespace}/{job_name} failed: {condition.reason}: {condition.message}")
     log.info("PyTorchJob %s/%s succeeded", namespace, job_name)
