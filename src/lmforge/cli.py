@@ -145,6 +145,7 @@ def download(*, source: str, out: str, sha256: str | None, size: int | None, cac
 
 
 def preprocess(*, config: str | None, overrides: list[str], corpus: str, out: str, workers: int, shards: int) -> None:
+    from lmforge.data.corpus_checks import TrainingShape
     from lmforge.data.preprocess import preprocess as build
     from lmforge.data.preprocess import settings_kwargs
     from lmforge.io import storage
@@ -153,7 +154,9 @@ def preprocess(*, config: str | None, overrides: list[str], corpus: str, out: st
     storage.use_endpoint(cfg.storage.s3_endpoint)
     p = cfg.preprocess
     workers = workers or p.workers
-    summary = build(corpus, out, workers=workers, shards=shards or max(p.shards, workers), **settings_kwargs(p))
+    # The config's training settings are known here: a train split too small for them is refused now.
+    summary = build(corpus, out, workers=workers, shards=shards or max(p.shards, workers), **settings_kwargs(p),
+                    checks=p.checks, shape=TrainingShape.from_config(cfg.train))
     print(json.dumps(summary, indent=2))
 
 

@@ -186,6 +186,17 @@ def log_run_inputs(cfg: RunConfig, corpus_dir: str, data_bin: str) -> None:
     mlflow.log_text(storage.read_text(storage.join(data_bin, dictionary)), f"data-bin/{dictionary}")
 
 
+def check_train_split(cfg: RunConfig, data_bin: str) -> None:
+    """The train split's size against the run's training settings, before training starts: the data stages
+    see only the preprocess settings (their cache must not depend on training), so this check is here."""
+    from lmforge.data.corpus_checks import TrainingShape, enforce, review_training
+
+    summary_file = storage.join(data_bin, "summary.json")
+    if storage.exists(summary_file):
+        train_split = json.loads(storage.read_text(summary_file))["splits"]["train"]
+        enforce(review_training(train_split["tokens"], cfg.preprocess.checks, TrainingShape.from_config(cfg.train)))
+
+
 @step("preprocess")
 def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> PreprocessOutputs:
     """Cached by KFP on its inputs: the preprocess settings and the corpus (by digest)."""
@@ -195,7 +206,8 @@ def preprocess(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -> Pre
     cfg = _preprocess_config(preprocess_json)
     out = data_dir(cfg, "data-bin", config_mod.content_key(preprocess_json, corpus_sha256))
     p = cfg.preprocess
-    summary = build(corpus_dir, out, workers=p.workers, shards=max(p.shards, p.workers), **settings_kwargs(p))
+    summary = build(corpus_dir, out, workers=p.workers, shards=max(p.shards, p.workers), **settings_kwargs(p),
+                    checks=p.checks)
     return PreprocessOutputs(out, summary["dict_sha256"])
 
 
@@ -232,7 +244,8 @@ def preprocess_plan(preprocess_json: str, corpus_dir: str, corpus_sha256: str) -
 
     cfg = _preprocess_config(preprocess_json)
     work_dir = str(data_dir(cfg, "preprocess", config_mod.content_key(preprocess_json, corpus_sha256)))
-    plan = prepare(corpus_dir, work_dir, Settings.from_config(cfg.preprocess), cfg.preprocess.shards)
+    plan = prepare(corpus_dir, work_dir, Settings.from_config(cfg.preprocess), cfg.preprocess.shards,
+                   cfg.preprocess.checks)
     common = {"work_dir": work_dir, "preprocess_json": preprocess_json, "corpus_dir": corpus_dir}
     return [json.dumps({**json.loads(shard.to_json()), **common}, sort_keys=True) for shard in plan]
 
@@ -257,7 +270,8 @@ def preprocess_dictionary(preprocess_json: str, counts: list) -> list:
     cfg = _preprocess_config(preprocess_json)
     shards = _descriptors_in_order(counts)
     work_dir = shards[0]["work_dir"]
-    dictionary = build_dictionary(work_dir, [d["count"] for d in shards], Settings.from_config(cfg.preprocess))
+    dictionary = build_dictionary(work_dir, [d["count"] for d in shards], Settings.from_config(cfg.preprocess),
+                                  cfg.preprocess.checks)
     return [json.dumps({**d, "dictionary": dictionary}, sort_keys=True) for d in shards]
 
 
@@ -300,6 +314,7 @@ def train(config_json: str, pipeline_run_id: str, corpus_dir: str, data_bin: str
         import mlflow
 
         log_run_inputs(cfg, corpus_dir, data_bin)
+        check_train_split(cfg, data_bin)
         summary = run_training(
             cfg, data_bin, checkpoint_uri, tracking_uri=uri, mlflow_run_id=run_id, pipeline_run_id=pipeline_run_id
         )

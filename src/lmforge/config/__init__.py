@@ -35,6 +35,7 @@ from lmforge.config.schema import (
     ADAPTIVE_SOFTMAX_ARCHS,
     SPLITS,
     ClusterConfig,
+    CorpusChecksConfig,
     CorpusConfig,
     EvaluateConfig,
     ModelConfig,
@@ -63,7 +64,7 @@ from lmforge.errors import ConfigError  # what loading and validation raise
 
 __all__ = [
     "ADAPTIVE_SOFTMAX_ARCHS", "PRECISIONS", "SHIPPED", "SPLITS", "STAGE_SECTIONS", "WORKER_OWNED_ARGS",
-    "ClusterConfig", "ConfigError", "CorpusConfig", "EvaluateConfig", "ModelConfig", "PreprocessConfig",
+    "ClusterConfig", "ConfigError", "CorpusChecksConfig", "CorpusConfig", "EvaluateConfig", "ModelConfig", "PreprocessConfig",
     "PyTorchJobConfig", "RegistryConfig", "RunConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
     "alias_problem", "alias_problems", "apply_overrides", "cluster_storage_problems", "content_key",
     "default_config", "doc", "fairseq_problems", "field_docs", "from_dict", "from_json", "from_stage_json", "load",

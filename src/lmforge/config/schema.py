@@ -55,6 +55,33 @@ class CorpusConfig:
 
 
 @dataclass(frozen=True)
+class CorpusChecksConfig:
+    """What a corpus must be to train (lmforge.data.corpus_checks): checked from the counts preprocessing
+    makes anyway, after the dictionary is built and before anything is binarized or trained. An empty
+    or blank-only split is always refused; past a `max_` limit a split is refused with one line naming it
+    and its numbers, past a `warn_` limit it gets a warning and preprocessing goes on."""
+
+    max_unk_fraction: float = doc(
+        "Refuse a split in which more than this fraction of the tokens (end of line not counted) are <unk> "
+        "under the dictionary (words below preprocess.threshold, beyond preprocess.nwords, a literal <unk>); "
+        "1: never.",
+        0.5,
+    )
+    warn_unk_fraction: float = doc("Warn about a split in which more than this fraction of the tokens are <unk>.", 0.25)
+    max_one_token_lines: float = doc(
+        "Refuse a split in which more than this fraction of the lines holding text are a single token: text "
+        "without spaces between words (Chinese, Japanese, Thai) under tokenizer 'none' looks so; 1: never.",
+        0.5,
+    )
+    warn_one_token_lines: float = doc("Warn about a split in which more than this fraction of the lines are one token.", 0.2)
+    min_train_samples: int = doc(
+        "Refuse a train split holding fewer tokens than this many samples of train.tokens_per_sample; 0: never. "
+        "Below one update's batches (train.max_tokens x processes) it gets a warning.",
+        1,
+    )
+
+
+@dataclass(frozen=True)
 class PreprocessConfig:
     """Tokenization and the fairseq dictionary (fairseq-preprocess --only-source options)."""
 
@@ -83,6 +110,7 @@ class PreprocessConfig:
     nwords: int = doc("Keep at most this many words in the dictionary, -1 for all (fairseq --nwordssrc).", -1)
     padding_factor: int = doc("Pad the dictionary size to a multiple of this (fairseq --padding-factor).", 8)
     workers: int = doc("Processes `lmforge preprocess` uses on one machine (the pipeline runs one task per shard).", 1)
+    checks: CorpusChecksConfig = doc("Checks that refuse a corpus which cannot train.", factory=CorpusChecksConfig)
 
 
 @dataclass(frozen=True)

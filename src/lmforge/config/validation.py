@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
-from lmforge.config.schema import SPLITS, ClusterConfig, RunConfig
+from lmforge.config.schema import SPLITS, ClusterConfig, CorpusChecksConfig, RunConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -61,6 +61,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"preprocess.threshold: {pp.threshold} must be >= 0")
     if pp.workers < 1:
         p.append(f"preprocess.workers: {pp.workers} must be >= 1")
+    p.extend(validate_checks(pp.checks))
     t = cfg.train
     p.extend(validate_training(cfg))
     e = cfg.evaluate
@@ -105,6 +106,21 @@ def without_unparsed(problems: list[str], unparsed: list[str]) -> list[str]:
     """`problems` less those naming a field that failed to parse (`unparsed`): that field was
     checked at its default, so what its checks say is not about the user's config."""
     return [problem for problem in problems if not any(names_field(problem, path) for path in unparsed)]
+
+
+def validate_checks(c: CorpusChecksConfig) -> list[str]:
+    """Problems of `preprocess.checks`: fractions in [0, 1], each warning at or below its refusal."""
+    p: list[str] = []
+    for kind in ("unk_fraction", "one_token_lines"):
+        limit, warn = getattr(c, f"max_{kind}"), getattr(c, f"warn_{kind}")
+        for name, value in ((f"max_{kind}", limit), (f"warn_{kind}", warn)):
+            if not 0 <= value <= 1:
+                p.append(f"preprocess.checks.{name}: {value} must be a fraction in [0, 1]")
+        if warn > limit:
+            p.append(f"preprocess.checks.warn_{kind}: {warn} is above max_{kind} ({limit}); a warning comes first")
+    if c.min_train_samples < 0:
+        p.append(f"preprocess.checks.min_train_samples: {c.min_train_samples} must be >= 0 (0: never)")
+    return p
 
 
 PRECISIONS = ("fp32", "fp16", "memory_efficient_fp16", "bf16", "memory_efficient_bf16")

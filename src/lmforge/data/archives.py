@@ -449,12 +449,15 @@ def _gzip_head(path: Path, where: str) -> bytes:
         raise LmforgeError(f"{where}: not a readable gzip file ({e})") from None
 
 
+def plain_file_problem(where: str) -> str:
+    """Why one plain file is no corpus: what `lmforge run` (a corpus.source) and `lmforge preprocess --corpus` say."""
+    return (f"{where}: a plain file cannot hold three splits; give a directory with train.txt, valid.txt, test.txt"
+            " (lmforge run also takes a .zip/.tar.gz archive, or this file with corpus.members mapping splits to it)")
+
+
 def _need_members(where: str, members: Mapping[str, str]) -> None:
     if not members:
-        raise LmforgeError(
-            f"{where}: a plain file cannot hold three splits; give a directory with train.txt, valid.txt,"
-            " test.txt or a .zip/.tar.gz archive (or map the splits to this file with corpus.members)"
-        )
+        raise LmforgeError(plain_file_problem(where))
 
 
 # ------------------------------------------------------------------ copying a member out

@@ -36,7 +36,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import SPLITS
+from lmforge.config import SPLITS, CorpusChecksConfig
+from lmforge.data.archives import plain_file_problem
+from lmforge.data.corpus_checks import TrainingShape
 from lmforge.data.stages import (
     Settings,
     binarize_in_place,
@@ -75,8 +77,11 @@ def check_inputs(corpus_dir: str, dest_dir: str, settings: Settings, *, workers:
             problems.append(f"{name} must be an integer >= 1, got {value!r}")
     if settings.tokenizer not in KINDS:
         problems.append(f"tokenizer {settings.tokenizer!r} is unknown (use {', '.join(KINDS)})")
+    corpus = storage.local_path(corpus_dir)
     missing = [uri for uri in (split_uri(corpus_dir, split) for split in SPLITS) if not storage.exists(uri)]
-    if missing:
+    if corpus is not None and corpus.is_file():
+        problems.append(plain_file_problem(str(corpus)))
+    elif missing:
         problems.append(
             f"missing {', '.join(missing)}: the corpus directory must hold train.txt, valid.txt and test.txt "
             "(one sentence per line); add the files or point --corpus at the directory that has them"
@@ -125,7 +130,9 @@ def _run_all(fn: Callable[..., Any], jobs: list[tuple], pool: ProcessPoolExecuto
 def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int = 0, nwords: int = -1,
                padding_factor: int = 8, workers: int = 1, shards: int | None = None, tokenizer: str = "none",
                model_type: str = "bpe", vocab_size: int = 8000, tokenizer_sample_bytes: int = 0,
-               tokenizer_file: str = "", work_dir: str | Path | None = None) -> dict[str, Any]:
+               tokenizer_file: str = "", work_dir: str | Path | None = None,
+               checks: CorpusChecksConfig | None = CorpusChecksConfig(),
+               shape: TrainingShape | None = None) -> dict[str, Any]:
     """Build fairseq's dictionary from train.txt and binarize all three splits into `dest_dir`, on this machine.
 
     The same stages the pipeline fans out, with `shards` shards (default: one per
@@ -133,7 +140,10 @@ def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int =
     (--thresholdsrc), `nwords` (--nwordssrc: dictionary size incl. the 4
     specials, -1 for all), `padding_factor` (--padding-factor); the tokenizer
     settings are those of the `preprocess` config section. The output does not
-    depend on `workers` or `shards`.
+    depend on `workers` or `shards`. `checks` (`preprocess.checks`; None: none, as
+    fairseq-preprocess takes any corpus) refuses a corpus that cannot train, before
+    anything is binarized (lmforge.data.corpus_checks); given the training `shape`,
+    a train split too small for it too.
 
     Returns (and writes as `dest_dir/summary.json`)::
 
@@ -144,7 +154,8 @@ def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int =
          "tokenizer": {"kind": ..., "sha256": ... ("" for none)}}
 
     Raises LmforgeError (one line, before any work) for a missing split file, a bad
-    argument or a `dest_dir` holding other files. Output appears at `dest_dir`
+    argument or a `dest_dir` holding other files; CorpusError (one line) for a corpus
+    the checks refuse. Output appears at `dest_dir`
     only when complete; on failure earlier output there is left as it was.
     """
     corpus_dir, dest_dir = str(corpus_dir), str(dest_dir)
@@ -163,7 +174,7 @@ def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int =
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix=".preprocess-", dir=scratch_parent))
         else:
             work = str(work_dir)
-        plan = prepare(corpus_dir, work, settings, shards)
+        plan = prepare(corpus_dir, work, settings, shards, checks)
         sizes = [s.nbytes for s in plan]
         names = [f"shard {s.index + 1}/{len(plan)}" for s in plan]
         bar = Progress("preprocess", 2 * sum(sizes), logger=logger)
@@ -171,7 +182,7 @@ def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int =
         pool = stack.enter_context(_pool(min(workers, len(plan)))) if min(workers, len(plan)) > 1 else None
         counted = _run_all(count_shard, [(corpus_dir, work, s) for s in plan], pool, bar, sizes,
                            [f"{n} counted" for n in names])
-        dictionary = build_dictionary(work, counted, settings)
+        dictionary = build_dictionary(work, counted, settings, checks, shape)
         binarized = [f"{n} binarized" for n in names]
         if storage.local_path(work) is not None:
             summary = binarize_in_place(work, counted, dictionary, dest_dir,

@@ -11,14 +11,18 @@ Each stage is a function over URIs. The pipeline runs each as a KFP task
 (lmforge.steps.preprocess_plan ... preprocess_merge); `lmforge preprocess --corpus DIR
 --out DIR` runs them all on one machine (lmforge.data.preprocess):
 
-1. `prepare`: train (or load) the tokenizer once on the train split, then cut
-   every split into N byte ranges exactly where fairseq's `find_offsets` cuts
-   (lmforge.data.shards). Shard i is the i-th range of every split.
+1. `prepare`: cut every split into N byte ranges exactly where fairseq's
+   `find_offsets` cuts (lmforge.data.shards; shard i is the i-th range of every
+   split), refuse an empty split, then train (or load) the tokenizer once on the
+   train split.
 2. `count_shard` (map, one per shard): read only the shard's ranges (local seek
    or ranged S3 GETs), tokenize, give each token type a small id in order of
-   first use and write the id stream plus the types and their counts.
+   first use and write the id stream plus the types and their counts (and how
+   many lines were blank or one token, for the corpus checks).
 3. `build_dictionary` (reduce): add up the train counts and finalize `dict.txt`
    with fairseq's rules (lmforge.data.formats.finalize_dictionary); summary statistics.
+   Before writing, the corpus checks (lmforge.data.corpus_checks) refuse a corpus
+   that cannot train.
 4. `binarize_shard` (map): the shard's id stream through the dictionary into
    an mmap `.bin` with the dtype fairseq picks, and its sentence sizes.
 5. `merge_shards`: shards joined in order into one `.bin`/`.idx` per split.
@@ -58,12 +62,14 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.config import SPLITS
-from lmforge.data import formats
+from lmforge.config import SPLITS, CorpusChecksConfig
+from lmforge.data import corpus_checks, formats
 from lmforge.data import shards as shards_mod
 from lmforge.data.formats import EOS_INDEX, SPECIALS, UNK_INDEX, best_fitting_dtype
+from lmforge.data.corpus_checks import SplitCounts, TrainingShape
 from lmforge.data.shards import Shard
 from lmforge.data.tokenization import TOKENIZER_MANIFEST, Tokenizer, load_tokenizer
+from lmforge.errors import LmforgeError
 from lmforge.io import storage
 from lmforge.io.hashing import hash_file
 from lmforge.io.staging import fetched_dir, staged_dir
@@ -115,11 +121,20 @@ def split_uri(corpus_dir: str, split: str) -> str:
 # --------------------------------------------------------------------------- 1. prepare
 
 
-def prepare(corpus_dir: str, work_dir: str, settings: Settings, shards: int) -> list[Shard]:
-    """Save the tokenizer under `work_dir`/tokenizer and return the shard plan (also saved as plan.json)."""
+def prepare(corpus_dir: str, work_dir: str, settings: Settings, shards: int,
+            checks: CorpusChecksConfig | None = CorpusChecksConfig()) -> list[Shard]:
+    """Save the tokenizer under `work_dir`/tokenizer and return the shard plan (also saved as plan.json).
+
+    With `checks` (None: none), an empty split, or a train split of blank lines only that a
+    tokenizer would train on, is refused (CorpusError) before the tokenizer trains.
+    """
     from lmforge.data import tokenization
 
     started = time.perf_counter()
+    plan = shards_mod.plan_shards({s: split_uri(corpus_dir, s) for s in SPLITS}, shards)
+    if checks is not None:
+        sizes = {s: sum(end - start for start, end in (shard.ranges[s] for shard in plan)) for s in SPLITS}
+        corpus_checks.check({s: SplitCounts(lines=0, tokens=0) for s, size in sizes.items() if size == 0}, checks)
     tok_uri = storage.join(work_dir, "tokenizer")
     with staged_dir(tok_uri, last=TOKENIZER_MANIFEST) as tmp:
         if settings.tokenizer == "none":
@@ -127,15 +142,46 @@ def prepare(corpus_dir: str, work_dir: str, settings: Settings, shards: int) -> 
         elif settings.tokenizer_file:
             tokenization.install_tokenizer(settings.tokenizer, settings.tokenizer_file, tmp)
         else:
-            lines = training_lines(split_uri(corpus_dir, "train"), settings.tokenizer_sample_bytes)
-            tokenization.train_tokenizer(settings.tokenizer, lines, tmp, vocab_size=settings.vocab_size,
-                                         model_type=settings.model_type)
+            train_tokenizer(corpus_dir, settings, tmp, checks)
         tokenizer = load_tokenizer(tmp)
     logger.info("tokenizer %s ready in %.1f s", tokenizer, time.perf_counter() - started)
-    plan = shards_mod.plan_shards({s: split_uri(corpus_dir, s) for s in SPLITS}, shards)
     with staged_dir(storage.join(work_dir, "plan")) as tmp:
         (tmp / "plan.json").write_text(json.dumps([json.loads(s.to_json()) for s in plan], indent=1) + "\n")
     return plan
+
+
+def train_tokenizer(corpus_dir: str, settings: Settings, directory: Path,
+                    checks: CorpusChecksConfig | None) -> None:
+    """Train the tokenizer of `settings` on the train split into `directory`; a vocabulary the text
+    could not fill gets a warning. With `checks`, a train split read whole that holds no text is
+    refused with the corpus checks' line (not the trainer's error, nor a tokenizer of nothing)."""
+    from lmforge.data import tokenization
+
+    train_uri = split_uri(corpus_dir, "train")
+    lines = training_lines(train_uri, settings.tokenizer_sample_bytes)
+    seen = {"lines": 0, "text": 0}
+
+    def counted(lines: Iterator[str]) -> Iterator[str]:
+        for line in lines:
+            seen["lines"] += 1
+            seen["text"] += bool(line.strip())  # str.strip and fairseq's str.split share one whitespace table
+            yield line
+
+    whole = checks is not None and not 0 < settings.tokenizer_sample_bytes < storage.size(train_uri)
+
+    def refuse_blank() -> None:
+        if whole and seen["text"] == 0:
+            corpus_checks.check({"train": SplitCounts(lines=seen["lines"], tokens=seen["lines"])}, checks)
+
+    try:
+        tokenizer = tokenization.train_tokenizer(settings.tokenizer, counted(lines) if whole else lines, directory,
+                                                 vocab_size=settings.vocab_size, model_type=settings.model_type)
+    except LmforgeError:
+        refuse_blank()  # sentencepiece fails on no text, with a message that does not say so
+        raise
+    refuse_blank()  # byte-level BPE trains on nothing
+    corpus_checks.enforce(corpus_checks.vocabulary_review(settings.vocab_size, tokenizer.kind,
+                                                          tokenizer.vocabulary_size()))
 
 
 def training_lines(train_uri: str, sample_bytes: int) -> Iterator[str]:
@@ -170,9 +216,14 @@ class Factorizer:
         self.ids: dict[str, int] = {}
         self.types: list[str] = [""]  # id 0: end of line
         self.counts = np.zeros(1, dtype=np.int64)
+        self.blank = self.one_token = 0  # lines of no token and of exactly one (lmforge.data.corpus_checks)
 
-    def block(self, text: str) -> np.ndarray:
-        """Ids of the tokens of `text` (lines ending in "\\n"), each line followed by a 0."""
+    def block(self, text: str, raw_blank: np.ndarray | None = None) -> np.ndarray:
+        """Ids of the tokens of `text` (lines ending in "\\n"), each line followed by a 0.
+
+        `raw_blank`: which lines were blank before a tokenizer encoded them (a tokenizer may turn
+        whitespace into a token, byte-level BPE's `Ġ`); None: `text` is the raw text.
+        """
         eol = line_sentinel(text, self.ids)
         tokens = text.replace("\n", f" {eol}\n").split()
         factor = self.ids
@@ -193,6 +244,11 @@ class Factorizer:
         counts = np.bincount(ids, minlength=len(types))
         counts[: len(self.counts)] += self.counts
         self.counts = counts
+        # A block holds whole lines, so its ends of line give each line's length (~1% of counting).
+        lengths = np.diff(np.flatnonzero(ids == 0), prepend=-1)
+        blank = lengths == 1 if raw_blank is None else raw_blank
+        self.blank += int(np.count_nonzero(blank))
+        self.one_token += int(np.count_nonzero((lengths == 2) & ~blank))
         return ids
 
 
@@ -204,6 +260,13 @@ def encode_block(text: str, tokenizer: Tokenizer) -> str:
     return "\n".join(tokenizer.encode_lines(lines)) + "\n"
 
 
+def blank_lines(text: str) -> np.ndarray:
+    """Which lines of `text` (lines ending in "\\n") hold no token of their own: whitespace at most
+    (str.strip and fairseq's str.split share one whitespace table)."""
+    lines = text.split("\n")[:-1]
+    return np.fromiter((not line.strip() for line in lines), dtype=bool, count=len(lines))
+
+
 def scan_range(uri: str, start: int, end: int, tokenizer: Tokenizer, ids_file: Path,
                block_bytes: int | None = None) -> Factorizer:
     """Tokenize bytes [start, end) of `uri`, writing the ids to `ids_file`; the types and counts."""
@@ -211,7 +274,8 @@ def scan_range(uri: str, start: int, end: int, tokenizer: Tokenizer, ids_file: P
     default = WHITESPACE_BLOCK_BYTES if tokenizer.kind == "none" else shards_mod.BLOCK_BYTES
     with open(ids_file, "wb") as out:
         for text in shards_mod.iter_text_blocks(uri, start, end, block_bytes or default):
-            out.write(factorizer.block(encode_block(text, tokenizer)).tobytes())
+            raw_blank = None if tokenizer.kind == "none" else blank_lines(text)
+            out.write(factorizer.block(encode_block(text, tokenizer), raw_blank).tobytes())
     return factorizer
 
 
@@ -248,7 +312,8 @@ def count_shard(corpus_dir: str, work_dir: str, shard: Shard) -> str:
                 f = scan_range(split_uri(corpus_dir, split), start, end, tokenizer, tmp / f"{split}.ids")
                 write_types(tmp / f"{split}.types", f)
                 (tmp / f"{split}.counts").write_bytes(f.counts.tobytes())
-                stats[split] = {"sentences": int(f.counts[0]), "tokens": int(f.counts.sum()), "types": len(f.types) - 1}
+                stats[split] = {"sentences": int(f.counts[0]), "tokens": int(f.counts.sum()), "types": len(f.types) - 1,
+                                "blank": f.blank, "one_token": f.one_token}
             (tmp / "shard.json").write_text(json.dumps({"shard": json.loads(shard.to_json()), "splits": stats},
                                                        sort_keys=True) + "\n")
     return out
@@ -285,30 +350,46 @@ def add_counts(totals: dict[str, int], types: list[str], counts: np.ndarray) -> 
     totals[eol] = totals.get(eol, 0) + values[0]
 
 
-def build_dictionary(work_dir: str, count_dirs: Sequence[str], settings: Settings) -> str:
-    """Reduce: `dict.txt` from the train counts of every shard, and `summary.json`; returns their directory."""
+def build_dictionary(work_dir: str, count_dirs: Sequence[str], settings: Settings,
+                     checks: CorpusChecksConfig | None = CorpusChecksConfig(),
+                     shape: TrainingShape | None = None) -> str:
+    """Reduce: `dict.txt` from the train counts of every shard, and `summary.json`; returns their directory.
+
+    Before anything is written, the splits' counts go through `checks` (lmforge.data.corpus_checks;
+    None: none, as fairseq-preprocess takes any corpus), with the train split's size against `shape`
+    when given: a refused corpus raises CorpusError and leaves no dictionary.
+    """
     started = time.perf_counter()
-    names = [f"{s}.{e}" for s in SPLITS for e in ("types", "counts")]
+    names = [f"{s}.{e}" for s in SPLITS for e in ("types", "counts")] + ["shard.json"]
     totals: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
     splits = {s: {"sentences": 0, "tokens": 0, "unk": 0} for s in SPLITS}
+    shapes = {s: {"blank": 0, "one_token": 0} for s in SPLITS}
     for uri in count_dirs:  # each shard read once; only per-type tables are kept
         with fetched_dir(uri, names) as d:
+            counted = json.loads((d / "shard.json").read_text())["splits"]
             for split in SPLITS:
                 types, counts = _read_counts(d, split)
                 add_counts(totals[split], types, counts)
                 splits[split]["sentences"] += int(counts[0])
                 splits[split]["tokens"] += int(counts.sum())
+                for key in ("blank", "one_token"):
+                    shapes[split][key] += counted[split][key]
     symbols = formats.finalize_dictionary(totals["train"], threshold=settings.threshold, nwords=settings.nwords,
                                   padding_factor=settings.padding_factor)
     index = formats.dictionary_index(symbols)
     for split in SPLITS:
         # fairseq's "replaced": tokens that became <unk> (a literal "<unk>" is in the index, so not counted).
         splits[split]["unk"] = sum(n for w, n in totals[split].items() if w not in index)
+    with fetched_tokenizer(storage.join(work_dir, "tokenizer")) as tok_dir:
+        tokenizer = load_tokenizer(tok_dir)
+    if checks is not None:
+        literal_unk = SPECIALS[UNK_INDEX]
+        corpus_checks.check({s: SplitCounts(lines=n["sentences"], tokens=n["tokens"], **shapes[s],
+                                            unk=n["unk"] + totals[s].get(literal_unk, 0))
+                             for s, n in splits.items()}, checks, tokenizer.kind, shape)
     out = storage.join(work_dir, "dict")
     with staged_dir(out, last="summary.json") as tmp:
         (tmp / "dict.txt").write_text(formats.dictionary_text(symbols), encoding="utf-8")
-        with fetched_tokenizer(storage.join(work_dir, "tokenizer")) as tok_dir:
-            tokenizer = load_tokenizer(tok_dir)
         summary = {
             "vocab_size": len(SPECIALS) + len(symbols),
             "dict_sha256": hash_file(tmp / "dict.txt")[0],

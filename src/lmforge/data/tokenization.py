@@ -68,6 +68,10 @@ class Tokenizer:
         """Space-separated tokens -> text."""
         return tokens
 
+    def vocabulary_size(self) -> int | None:
+        """Tokens the model knows (None: whitespace tokens, any word)."""
+        return None
+
     def files(self) -> list[Path]:
         """The files that make up this tokenizer (manifest, then model file), for packaging."""
         if self.directory is None or not (self.directory / TOKENIZER_MANIFEST).is_file():
@@ -110,6 +114,9 @@ class BpeTokenizer(Tokenizer):
     def decode(self, tokens: str) -> str:
         return self._tok.decoder.decode(tokens.split()) if self._tok.decoder is not None else tokens
 
+    def vocabulary_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
 
 class SentencePieceTokenizer(Tokenizer):
     """sentencepiece (BPE or unigram); pieces mark a preceding space with `▁`."""
@@ -132,6 +139,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, tokens: str) -> str:
         return self._sp.decode_pieces(tokens.split())
+
+    def vocabulary_size(self) -> int:
+        return self._sp.GetPieceSize()
 
 
 _CLASSES: dict[str, type[Tokenizer]] = {"none": Tokenizer, "bpe": BpeTokenizer, "sentencepiece": SentencePieceTokenizer}
