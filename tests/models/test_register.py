@@ -195,6 +195,85 @@ def test_a_fresh_process_loads_the_model_by_alias(tiny_lm, tracking, hub_expecte
     assert {"torch", "fairseq", "mlflow"} <= set(imported)
 
 
+#: Run in the bare base's container: the model's own requirements into a fresh venv, from the wheelhouse
+#: only, then load and score. It prints `pip check`'s findings, then one JSON line.
+IN_A_BARE_CONTAINER = r"""
+set -eu
+python3 -m venv /tmp/venv
+start=$(date +%s)
+/tmp/venv/bin/pip install --quiet --no-index --find-links /wheelhouse --no-deps --no-cache-dir \
+    -r /model/requirements.txt
+echo "INSTALL_SECONDS $(( $(date +%s) - start ))"
+/tmp/venv/bin/pip check | sed 's/^/PIP_CHECK /' || true
+exec /tmp/venv/bin/python -c "$SCORE" "$TEXTS"
+"""
+SCORE_IN_THE_CONTAINER = """
+import importlib.util, json, sys, time
+before = importlib.util.find_spec('lmforge')
+start = time.monotonic()
+import mlflow
+model = mlflow.pyfunc.load_model('/model')
+import lmforge
+out = model.predict(json.loads(sys.argv[1]))
+print('RESULT ' + json.dumps({'lmforge_before': before is not None, 'lmforge': lmforge.__file__,
+                              'predictions': out.to_dict('list'), 'seconds': time.monotonic() - start}))
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_model_loads_and_scores_where_only_its_own_requirements_are_installed(
+    tiny_lm, tracking, scored_texts, tmp_path, docker_client, base_image, wheelhouse,
+):
+    """In a container of the bare Debian base (python3, no venv, no lmforge) with only the model
+    directory (read-only) and the wheelhouse: `pip install --no-index --no-deps -r requirements.txt`
+    into a new venv gives an environment in which `pip check` misses only ve-fairseq's torchaudio,
+    lmforge is importable only from the model's code/, and the model scores as in this venv."""
+    import secrets
+    import time
+
+    import mlflow
+
+    result = register(tiny_lm, tracking)
+    model_dir = Path(mlflow.artifacts.download_artifacts(result["model_uri"], dst_path=str(tmp_path / "model")))
+    start = time.monotonic()
+    expected = mlflow.pyfunc.load_model(str(model_dir)).predict(scored_texts)
+    host_seconds = time.monotonic() - start
+
+    # network "none": the install needs no index at all. User nobody: the bare base has no user
+    # of its own, and the test needs none of root's rights (its venv goes to /tmp).
+    started = time.monotonic()
+    container = docker_client.containers.run(
+        base_image, ["sh", "-c", IN_A_BARE_CONTAINER], name=f"lmforge-selfmodel-{secrets.token_hex(4)}",
+        detach=True, network_mode="none", user="65534:65534",
+        environment={"HOME": "/tmp", "SCORE": SCORE_IN_THE_CONTAINER, "TEXTS": json.dumps(scored_texts),
+                     "PIP_DISABLE_PIP_VERSION_CHECK": "1", "GIT_PYTHON_REFRESH": "quiet"},
+        volumes={str(model_dir): {"bind": "/model", "mode": "ro"},
+                 str(wheelhouse): {"bind": "/wheelhouse", "mode": "ro"}},
+    )
+    try:
+        status = container.wait(timeout=1200)["StatusCode"]
+        log = container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+    seconds = time.monotonic() - started
+    assert status == 0, log[-4000:]
+    lines = log.splitlines()
+    install_seconds = next(int(line.split()[1]) for line in lines if line.startswith("INSTALL_SECONDS "))
+    found = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+    print(f"bare container: {len(requirements.pins(IMPORTS))} wheels installed in {install_seconds} s, "
+          f"load+predict {found['seconds']:.1f} s (this venv, in-process: {host_seconds:.1f} s), {seconds:.0f} s in all")
+    assert [line for line in lines if line.startswith("PIP_CHECK ")] == [
+        "PIP_CHECK ve-fairseq 0.12.3 requires torchaudio, which is not installed."
+    ]
+    assert found["lmforge_before"] is False, "lmforge must come from the model alone"
+    assert found["lmforge"] == "/model/code/lmforge/__init__.py"
+    got = pd.DataFrame(found["predictions"])
+    assert got.tokens.tolist() == expected.tokens.tolist()
+    for column in ("log_prob", "eos_log_prob"):
+        assert got[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-5), column
+
+
 def test_a_model_pickled_under_the_old_module_name_still_loads_and_scores(
     tiny_lm, tracking, hub_expected, scored_texts, tmp_path, monkeypatch,
 ):
