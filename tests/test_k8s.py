@@ -25,7 +25,7 @@ import yaml
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
-from lmforge.images import STEPS_IMAGE, TRAINER_IMAGE
+from lmforge.images import TRAINER_IMAGE
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -327,6 +327,7 @@ def serving_options(command: list[str]) -> dict[str, str]:
 
 def test_model_server_serves_the_champion_the_pipeline_registers() -> None:
     from lmforge import config as config_mod
+    from lmforge.images import STEPS_IMAGE
 
     registry = config_mod.default_config().registry
     deployment = one("Deployment", SERVING)
