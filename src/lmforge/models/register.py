@@ -8,9 +8,9 @@ In:  the training task (`lmforge.tasks`; language_modeling by default), a fairse
      pipeline_run_id, ...).
 Out: a version of the registered model, the task's MLflow pyfunc model (language modeling:
      `lmforge.models.scoring.FairseqLanguageModel`) logged in that run with a signature, an input
-     example, lmforge's code and the pinned closure of its requirements, carrying the lineage tags (plus the ones
-     computed here: task, checkpoint, dict and tokenizer sha256, data-bin digest, package
-     version, evaluation identity and gate metric) and a description; `lmforge.models.promotion`
+     example, lmforge's code and the pinned closure of its requirements, carrying the lineage
+     tags (plus the ones computed here: task, checkpoint, dict and tokenizer sha256, data-bin
+     digest, package version, evaluation identity and gate metric) and a description; `lmforge.models.promotion`
      then gives it the champion or challenger alias. The pipeline's run is left RUNNING
      (`lmforge.tracking.step_run`): the register step, not this function, ends it.
      Returns ``{"model_uri": "models:/NAME@ALIAS",
