@@ -332,7 +332,8 @@ def test_model_server_serves_the_champion_the_pipeline_registers() -> None:
     registry = config_mod.default_config().registry
     deployment = one("Deployment", SERVING)
     container = serving_container()
-    assert container["image"] == STEPS_IMAGE, "the image the compiled pipeline uses: MLflow and the model's requirements"
+    # The image the compiled pipeline uses: it holds MLflow and the model's requirements.
+    assert container["image"] == STEPS_IMAGE
     options = serving_options(container["command"])
     assert options["--model-uri"] == f"models:/{registry.model_name}@{registry.alias}"
     # local: the image's venv; the default (virtualenv) would pip install at start, and without

@@ -262,7 +262,8 @@ def test_the_model_loads_and_scores_where_only_its_own_requirements_are_installe
     install_seconds = next(int(line.split()[1]) for line in lines if line.startswith("INSTALL_SECONDS "))
     found = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
     print(f"bare container: {len(requirements.pins(IMPORTS))} wheels installed in {install_seconds} s, "
-          f"load+predict {found['seconds']:.1f} s (this venv, in-process: {host_seconds:.1f} s), {seconds:.0f} s in all")
+          f"load+predict {found['seconds']:.1f} s (this venv, in-process: {host_seconds:.1f} s), "
+          f"{seconds:.0f} s in all")
     assert [line for line in lines if line.startswith("PIP_CHECK ")] == [
         "PIP_CHECK ve-fairseq 0.12.3 requires torchaudio, which is not installed."
     ]

@@ -77,7 +77,8 @@ def test_every_imported_package_is_provided_by_a_pin(served):
 def write_distribution(site: Path, name: str, *requires: str, version: str = "1.0") -> None:
     info = site / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
-    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *(f"Requires-Dist: {r}" for r in requires)]
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
+             *(f"Requires-Dist: {r}" for r in requires)]
     (info / "METADATA").write_text("\n".join(lines) + "\n")
     (info / "top_level.txt").write_text(name.replace("-", "_") + "\n")
 
@@ -102,7 +103,8 @@ def test_a_missing_requirement_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     with pytest.raises(LmforgeError) as err:
         requirements.requirement_closure(["lmf-broken"])
-    assert "\n" not in str(err.value) and str(err.value).startswith("lmf-broken requires lmf-nowhere, which is not installed")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("lmf-broken requires lmf-nowhere, which is not installed")
 
 
 def test_a_package_no_distribution_provides_is_a_one_line_error():
