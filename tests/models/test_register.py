@@ -18,7 +18,9 @@ import pytest
 
 from conftest import TINY_CONFIG, nudged_checkpoint
 from lmforge.errors import LmforgeError
-from lmforge.models.register import register_model, serving_requirements
+from lmforge.models import requirements
+from lmforge.models.register import register_model
+from lmforge.models.scoring import IMPORTS
 
 NAME, ALIAS = "tiny-lm", "champion"
 TAGS = {
@@ -131,15 +133,24 @@ def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, hub_expec
     assert model.metadata.get_params_schema().to_dict()[0]["name"] == "continuation_tokens"
     assert "last_optimizer_state" not in registered
     assert (local / "artifacts" / "model.pt").stat().st_size < tiny_lm.checkpoint.stat().st_size / 2
-    requirements = (local / "requirements.txt").read_text()
-    for pin in serving_requirements():
-        assert pin in requirements
-    assert "ve-fairseq==0.12.3" in requirements and "+cpu" not in requirements
+    # Self-contained: the exact closure of what the pyfunc imports, and lmforge's own source.
+    pins = (local / "requirements.txt").read_text().splitlines()
+    assert pins == requirements.pins(IMPORTS)
+    assert "ve-fairseq==0.12.3" in pins and "torch==2.13.0" in pins
+    assert model.metadata.flavors["python_function"]["code"] == "code"
+    import lmforge.models.scoring
+
+    assert (local / "code" / "lmforge" / "models" / "scoring.py").read_bytes() == Path(
+        lmforge.models.scoring.__file__).read_bytes()
+    assert not list((local / "code").rglob("__pycache__"))
+    assert model.metadata.metadata == {"lmforge_install": requirements.INSTALL_NOTE}
+    assert requirements.INSTALL_NOTE in version.description and "--no-deps" in version.description
 
 
-def predict_in_a_fresh_process(uri: str, model_uri: str, texts: list[str], cwd: Path) -> tuple[pd.DataFrame, ...]:
+def predict_in_a_fresh_process(uri: str, model_uri: str, texts: list[str], cwd: Path) -> tuple:
     """mlflow.pyfunc.load_model + predict in a new interpreter, as a user would: a plain list, then a
-    DataFrame with a text column. Returns both predictions, and the loaded python model's class path."""
+    DataFrame with a text column. Returns both predictions, the loaded python model's class path, and
+    the top-level packages the process imported from site-packages."""
     code = (
         "import json, sys, mlflow, pandas as pd\n"
         "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
@@ -147,7 +158,12 @@ def predict_in_a_fresh_process(uri: str, model_uri: str, texts: list[str], cwd: 
         "from_list = model.predict(texts)\n"
         "from_frame = model.predict(pd.DataFrame({'text': texts}))\n"
         "cls = type(model.unwrap_python_model())\n"
-        "print(json.dumps([from_list.to_dict('list'), from_frame.to_dict('list'), cls.__module__]))\n"
+        # The top-level entries of site-packages that the imported modules' files lie in.
+        "import sysconfig; from pathlib import Path\n"
+        "site = {Path(sysconfig.get_paths()[k]) for k in ('purelib', 'platlib')}\n"
+        "files = [Path(f) for f in (getattr(m, '__file__', None) for m in list(sys.modules.values())) if f]\n"
+        "top = sorted({f.relative_to(s).parts[0].split('.')[0] for f in files for s in site if f.is_relative_to(s)})\n"
+        "print(json.dumps([from_list.to_dict('list'), from_frame.to_dict('list'), cls.__module__, top]))\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     proc = subprocess.run(
@@ -155,18 +171,108 @@ def predict_in_a_fresh_process(uri: str, model_uri: str, texts: list[str], cwd: 
         capture_output=True, text=True, timeout=300, env=env, cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from_list, from_frame, module = json.loads(proc.stdout.strip().splitlines()[-1])
-    return pd.DataFrame(from_list), pd.DataFrame(from_frame), module
+    from_list, from_frame, module, imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    return pd.DataFrame(from_list), pd.DataFrame(from_frame), module, imported
 
 
 @pytest.mark.slow
 def test_a_fresh_process_loads_the_model_by_alias(tiny_lm, tracking, hub_expected, scored_texts, tmp_path):
     uri, _, _ = tracking
     result = register(tiny_lm, tracking)
-    from_list, from_frame, module = predict_in_a_fresh_process(uri, result["model_uri"], scored_texts, tmp_path)
+    from_list, from_frame, module, imported = predict_in_a_fresh_process(uri, result["model_uri"], scored_texts,
+                                                                         tmp_path)
     assert_scores_like_fairseq(from_list, hub_expected)
     assert_scores_like_fairseq(from_frame, hub_expected)
     assert module == "lmforge.models.scoring"
+    # What loading and scoring imported is in the model's requirements (lmforge: the model carries it).
+    # pygments: mako (alembic's) imports it where it is installed, and does without it.
+    from importlib import metadata
+
+    providers = metadata.packages_distributions()
+    pinned = {pin.split("==")[0] for pin in requirements.pins(IMPORTS)} | {"lmforge"}
+    unpinned = {name for name in imported if not {requirements.canonical(d) for d in providers.get(name, [])} & pinned}
+    assert unpinned <= {"pygments"}, f"imported when scoring, not in requirements.txt: {sorted(unpinned)}"
+    assert {"torch", "fairseq", "mlflow"} <= set(imported)
+
+
+#: Run in the bare base's container: the model's own requirements into a fresh venv, from the wheelhouse
+#: only, then load and score. It prints `pip check`'s findings, then one JSON line.
+IN_A_BARE_CONTAINER = r"""
+set -eu
+python3 -m venv /tmp/venv
+start=$(date +%s)
+/tmp/venv/bin/pip install --quiet --no-index --find-links /wheelhouse --no-deps --no-cache-dir \
+    -r /model/requirements.txt
+echo "INSTALL_SECONDS $(( $(date +%s) - start ))"
+/tmp/venv/bin/pip check | sed 's/^/PIP_CHECK /' || true
+exec /tmp/venv/bin/python -c "$SCORE" "$TEXTS"
+"""
+SCORE_IN_THE_CONTAINER = """
+import importlib.util, json, sys, time
+before = importlib.util.find_spec('lmforge')
+start = time.monotonic()
+import mlflow
+model = mlflow.pyfunc.load_model('/model')
+import lmforge
+out = model.predict(json.loads(sys.argv[1]))
+print('RESULT ' + json.dumps({'lmforge_before': before is not None, 'lmforge': lmforge.__file__,
+                              'predictions': out.to_dict('list'), 'seconds': time.monotonic() - start}))
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_model_loads_and_scores_where_only_its_own_requirements_are_installed(
+    tiny_lm, tracking, scored_texts, tmp_path, docker_client, base_image, wheelhouse,
+):
+    """In a container of the bare Debian base (python3, no venv, no lmforge) with only the model
+    directory (read-only) and the wheelhouse: `pip install --no-index --no-deps -r requirements.txt`
+    into a new venv gives an environment in which `pip check` misses only ve-fairseq's torchaudio,
+    lmforge is importable only from the model's code/, and the model scores as in this venv."""
+    import secrets
+    import time
+
+    import mlflow
+
+    result = register(tiny_lm, tracking)
+    model_dir = Path(mlflow.artifacts.download_artifacts(result["model_uri"], dst_path=str(tmp_path / "model")))
+    start = time.monotonic()
+    expected = mlflow.pyfunc.load_model(str(model_dir)).predict(scored_texts)
+    host_seconds = time.monotonic() - start
+
+    # network "none": the install needs no index at all. User nobody: the bare base has no user
+    # of its own, and the test needs none of root's rights (its venv goes to /tmp).
+    started = time.monotonic()
+    container = docker_client.containers.run(
+        base_image, ["sh", "-c", IN_A_BARE_CONTAINER], name=f"lmforge-selfmodel-{secrets.token_hex(4)}",
+        detach=True, network_mode="none", user="65534:65534",
+        environment={"HOME": "/tmp", "SCORE": SCORE_IN_THE_CONTAINER, "TEXTS": json.dumps(scored_texts),
+                     "PIP_DISABLE_PIP_VERSION_CHECK": "1", "GIT_PYTHON_REFRESH": "quiet"},
+        volumes={str(model_dir): {"bind": "/model", "mode": "ro"},
+                 str(wheelhouse): {"bind": "/wheelhouse", "mode": "ro"}},
+    )
+    try:
+        status = container.wait(timeout=1200)["StatusCode"]
+        log = container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+    seconds = time.monotonic() - started
+    assert status == 0, log[-4000:]
+    lines = log.splitlines()
+    install_seconds = next(int(line.split()[1]) for line in lines if line.startswith("INSTALL_SECONDS "))
+    found = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+    print(f"bare container: {len(requirements.pins(IMPORTS))} wheels installed in {install_seconds} s, "
+          f"load+predict {found['seconds']:.1f} s (this venv, in-process: {host_seconds:.1f} s), "
+          f"{seconds:.0f} s in all")
+    assert [line for line in lines if line.startswith("PIP_CHECK ")] == [
+        "PIP_CHECK ve-fairseq 0.12.3 requires torchaudio, which is not installed."
+    ]
+    assert found["lmforge_before"] is False, "lmforge must come from the model alone"
+    assert found["lmforge"] == "/model/code/lmforge/__init__.py"
+    got = pd.DataFrame(found["predictions"])
+    assert got.tokens.tolist() == expected.tokens.tolist()
+    for column in ("log_prob", "eos_log_prob"):
+        assert got[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-5), column
 
 
 def test_a_model_pickled_under_the_old_module_name_still_loads_and_scores(
@@ -190,7 +296,7 @@ def test_a_model_pickled_under_the_old_module_name_still_loads_and_scores(
     local = Path(mlflow.artifacts.download_artifacts(result["model_uri"], dst_path=str(tmp_path / "download")))
     pickled = (local / "python_model.pkl").read_bytes()
     assert b"lmforge.scoring" in pickled and b"lmforge.models.scoring" not in pickled
-    from_list, from_frame, module = predict_in_a_fresh_process(uri, result["model_uri"], scored_texts, tmp_path)
+    from_list, from_frame, module, _ = predict_in_a_fresh_process(uri, result["model_uri"], scored_texts, tmp_path)
     assert_scores_like_fairseq(from_list, hub_expected)
     assert_scores_like_fairseq(from_frame, hub_expected)
     assert module == "lmforge.models.scoring"  # unpickled through the re-export: the one class

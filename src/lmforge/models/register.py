@@ -8,9 +8,9 @@ In:  the training task (`lmforge.tasks`; language_modeling by default), a fairse
      pipeline_run_id, ...).
 Out: a version of the registered model, the task's MLflow pyfunc model (language modeling:
      `lmforge.models.scoring.FairseqLanguageModel`) logged in that run with a signature, an input
-     example and pinned serving requirements, carrying the lineage tags (plus the ones
-     computed here: task, checkpoint, dict and tokenizer sha256, data-bin digest, package
-     version, evaluation identity and gate metric) and a description; `lmforge.models.promotion`
+     example, lmforge's code and the pinned closure of its requirements, carrying the lineage
+     tags (plus the ones computed here: task, checkpoint, dict and tokenizer sha256, data-bin
+     digest, package version, evaluation identity and gate metric) and a description; `lmforge.models.promotion`
      then gives it the champion or challenger alias. The pipeline's run is left RUNNING
      (`lmforge.tracking.step_run`): the register step, not this function, ends it.
      Returns ``{"model_uri": "models:/NAME@ALIAS",
@@ -25,15 +25,17 @@ weights (Adam keeps two moments per parameter) and serving never reads it. Befor
 is logged the slimmed checkpoint is loaded with its dictionary and scores a sentence, so a
 checkpoint/dictionary mismatch fails here, not in the serving process.
 
-The model loads wherever lmforge is installed (the pickled model refers to
-``lmforge.models.scoring`` by name); its pinned pip requirements list the serving stack.
+The model is self-contained: it carries lmforge's package as its `code_paths` (the pickled
+pyfunc refers to ``lmforge.models.scoring`` by name, and MLflow puts the model's ``code/`` on
+sys.path before unpickling it) and, as requirements.txt, the exact closure of what the pyfunc
+imports (`lmforge.models.requirements`), to be installed with ``pip install --no-deps``: ve-fairseq
+declares torchaudio, which would pull another torch. It loads where lmforge is not installed.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,36 +43,17 @@ from lmforge.config.validation import alias_problems
 from lmforge import tasks, tracking
 from lmforge.errors import LmforgeError
 from lmforge.io.hashing import file_sha256
-
-#: Distributions the serving process needs, pinned to the versions installed here.
-#: fairseq's wheel is published as ve-fairseq; cloudpickle must match to unpickle the model.
-SERVING_DISTRIBUTIONS = (
-    "torch",
-    "ve-fairseq",
-    "numpy",
-    "pandas",
-    "mlflow",
-    "cloudpickle",
-    "hydra-core",
-    "omegaconf",
-    "bitarray",
-    "sacrebleu",
-    "regex",
-)
+from lmforge.models import requirements
 
 
-def serving_requirements() -> list[str]:
-    """``name==version`` for each serving distribution installed here."""
-    pins = []
-    for name in SERVING_DISTRIBUTIONS:
-        try:
-            version = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-        # "2.13.0+cpu" -> "2.13.0": the local label names this machine's build, and the same
-        # model serves from a CUDA build of that torch release.
-        pins.append(f"{name}=={version.split('+')[0]}")
-    return pins
+def lmforge_code_path() -> str:
+    """lmforge's package directory, as the model's `code_paths`: MLflow copies it into the model's
+    ``code/`` and puts that first on sys.path before unpickling the pyfunc, so the model loads
+    where lmforge is not installed. All of it (~0.5 MB of source), not only what scoring imports:
+    one directory cannot go stale when scoring starts importing another module."""
+    import lmforge
+
+    return str(Path(lmforge.__file__).resolve().parent)
 
 
 def data_bin_digest(data_bin: Path) -> str:
@@ -224,7 +207,9 @@ def register_model(
                 },
                 signature=pyfunc.signature,
                 input_example=pyfunc.input_example,
-                pip_requirements=serving_requirements(),
+                pip_requirements=requirements.pins(pyfunc.imports),
+                code_paths=[lmforge_code_path()],
+                metadata={"lmforge_install": requirements.INSTALL_NOTE},
                 tags=all_tags,
             )
             # Created "pending" in the same call: concurrent gates are serialized on that tag.
@@ -235,6 +220,7 @@ def register_model(
     description = f"fairseq {arch} {training_task.title} from MLflow run {run_id}; {pyfunc.summary}"
     if evaluation is not None:
         description += " " + training_task.evaluation_note(evaluation)
+    description += " " + requirements.INSTALL_NOTE
     client.update_model_version(model_name, version, description=description)
     if not client.get_registered_model(model_name).description:
         client.update_registered_model(

@@ -21,8 +21,9 @@ Out: a DataFrame with one row per text:
        many tokens sampled after the text (``temperature``, ``top_k``, ``seed`` parameters),
        decoded by the tokenizer: ``model.predict(texts, params={"continuation_tokens": 20})``.
 
-`lmforge register ...` (see `lmforge.models.register`) logs and registers it; anyone then loads it
-by name, in any process where lmforge is installed, and passes a plain list of texts or a
+`lmforge register ...` (see `lmforge.models.register`) logs and registers it with lmforge's code
+and its exact requirements (`IMPORTS`' closure); anyone then loads it by name, in any process that
+has those requirements (lmforge need not be installed), and passes a plain list of texts or a
 DataFrame whose (first) column holds them:
 
     model = mlflow.pyfunc.load_model("models:/lmforge-lm@champion")
@@ -73,6 +74,12 @@ MAX_BATCH_TOKENS = 4096
 
 #: The input example stored with the model (and used to check a model loads and scores).
 EXAMPLE_TEXTS = ("the cat sat on the mat", "")
+
+#: The top-level packages this pyfunc imports, lazy imports included (lmforge's own code travels
+#: with the model): the registered model's requirements are their closure
+#: (`lmforge.models.requirements`). cloudpickle unpickles the model; tokenizers and sentencepiece
+#: are imported by `lmforge.data.tokenization` for the tokenizer kinds that need them.
+IMPORTS = ("mlflow", "cloudpickle", "pandas", "numpy", "torch", "fairseq", "tokenizers", "sentencepiece")
 
 
 def model_signature():

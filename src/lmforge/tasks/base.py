@@ -49,6 +49,8 @@ class Pyfunc:
     check: Callable[[Path, Path, Path], None]
     #: One sentence on what predict() takes and returns (model descriptions).
     summary: str
+    #: The top-level packages the pyfunc imports; the model's requirements are their closure.
+    imports: tuple[str, ...]
 
 
 class Task(abc.ABC):

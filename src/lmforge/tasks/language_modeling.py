@@ -134,6 +134,7 @@ class LanguageModeling(Task):
                 "tokens (tokens scored), perplexity and eos_log_prob (log p(</s> | text)); with the parameter "
                 "continuation_tokens=N also a sampled continuation (temperature, top_k, seed)."
             ),
+            imports=scoring.IMPORTS,
         )
 
     def evaluation_note(self, evaluation: dict[str, Any]) -> str:
