@@ -19,8 +19,9 @@ from lmforge.errors import LmforgeError
 from lmforge.models import requirements
 from lmforge.models.scoring import IMPORTS
 
-#: Pinned by scripts/install.sh itself (torch, ve-fairseq) or left out by pip freeze (setuptools).
-NOT_IN_THE_LOCK = {"torch", "ve-fairseq", "setuptools"}
+#: Pinned by scripts/install.sh itself; everything else (setuptools included) is in the lock, so the
+#: wheelhouse holds exactly the versions a registered model requires.
+NOT_IN_THE_LOCK = {"torch", "ve-fairseq"}
 
 
 def lock() -> dict[str, str]:
