@@ -120,26 +120,36 @@ def test_a_failing_step_is_its_one_line_error(tmp_path, corpus, docker_client, s
     assert leftover_containers(docker_client, tmp_path) == []
 
 
-def train_containers(client, root: Path) -> list[str]:
-    return [c.name for c in client.containers.list(filters={"label": LABEL})
-            if c.name in leftover_containers(client, root) and "lmforge.steps import train" in str(c.attrs["Config"]["Cmd"])]
+def train_container(client, root: Path):
+    """The running train step's container of the run under `root`, or None."""
+    names = set(leftover_containers(client, root))
+    return next((c for c in client.containers.list(filters={"label": LABEL})
+                 if c.name in names and "lmforge.steps import train" in str(c.attrs["Config"]["Cmd"])), None)
+
+
+def processes(container) -> list[str]:
+    top = container.top(ps_args="-eo pid,args")  # the engine needs the pid column to pick the container's
+    return [" ".join(row) for row in top["Processes"]]
 
 
 def test_sigterm_removes_the_running_step_containers(tmp_path, corpus, docker_client, steps_image) -> None:
-    """SIGTERM while the train step's container runs torchrun: the container goes, the run exits 143."""
+    """SIGTERM while the train step's container runs torchrun and its 2 workers: the container goes,
+    the run exits 143."""
     proc = lmforge_docker_run(tmp_path, corpus, "train.max_epoch=50")
     try:
         deadline = time.monotonic() + 420
-        while not train_containers(docker_client, tmp_path):
+        while (train := train_container(docker_client, tmp_path)) is None or \
+                sum("-m lmforge.worker" in p and "torch.distributed.run" not in p for p in processes(train)) < 2:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the train step never started"
+            assert time.monotonic() < deadline, "the train step's torchrun never started 2 workers"
             time.sleep(0.5)
-        time.sleep(5)  # torchrun and its workers started
+        assert any("torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2" in p for p in processes(train))
         proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)  # a second one (as `timeout` sends) must not cut the removal short
-        _, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "SIGTERM: stopping the run; removed 1 step container(s)" in stderr
+    # On stdout: KFP's local runner logs there while a task runs.
+    assert "SIGTERM: stopping the run; removed 1 step container(s)" in stdout
     assert leftover_containers(docker_client, tmp_path) == []

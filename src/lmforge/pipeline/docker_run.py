@@ -7,7 +7,8 @@ runner's steps see, at the same paths, and a guarantee that none of them outlive
 - Mounts (`binds`): the local storage root (outputs, the embedded MLflow SQLite file and
   its artifacts), KFP's pipeline root (KFP mounts it itself), the local corpus and
   tokenizer file read-only, a SQLite or file tracking store outside the root, and the
-  cache directories the config or LMFORGE_CACHE_DIR / LMFORGE_SCRATCH name. Nothing else.
+  cache directories the config or LMFORGE_CACHE_DIR / LMFORGE_SCRATCH name. Nothing else
+  (but KFP's own workspace, a temporary directory it mounts at /kfp-workspace).
 - Environment (`container_environment`): MLFLOW_*, AWS_*, LMFORGE_* and LOGLEVEL of the
   host, nothing else of it.
 - Network: the host's (there may be no bridge; an MLflow server, moto or MinIO on
@@ -235,16 +236,21 @@ class StepContainers:
         self.token = uuid.uuid4().hex[:12]
         self.stopping = False
         self._count = itertools.count(1)
+        # Held while a container is started and while stopping begins, so that none starts after
+        # stop() has listed the run's containers. Re-entrant: stop() runs from a signal handler,
+        # which may interrupt this very thread while it holds the lock.
+        self._starting = threading.RLock()
 
     def run(self, client: Any, image: str, command: list[str], volumes: dict[str, Any], **run_args: Any) -> int:
         """One step: its container's log printed as it comes, its exit status returned."""
         from docker.errors import NotFound
 
-        if self.stopping:  # the run is being stopped: a step the local runner still starts does not run
-            return KILLED
-        name = f"lmforge-{self.token}-{next(self._count)}"
-        container = client.containers.run(image=image, command=command, volumes=volumes, detach=True, name=name,
-                                          labels={LABEL: self.token}, **run_args)
+        with self._starting:
+            if self.stopping:  # the run is being stopped: a step the local runner still starts does not run
+                return KILLED
+            name = f"lmforge-{self.token}-{next(self._count)}"
+            container = client.containers.run(image=image, command=command, volumes=volumes, detach=True, name=name,
+                                              labels={LABEL: self.token}, **run_args)
         try:
             for chunk in container.logs(stream=True, follow=True):
                 print(chunk.decode(errors="replace"), end="")
@@ -256,7 +262,8 @@ class StepContainers:
 
     def stop(self) -> int:
         """No further step starts; every container of this run is removed (killed); how many there were."""
-        self.stopping = True
+        with self._starting:
+            self.stopping = True
         return self.remove_all()
 
     def remove_all(self) -> int:
@@ -285,6 +292,7 @@ def kfp_runs_containers_with(containers: StepContainers) -> Iterator[None]:
     from kfp.local import docker_task_handler
 
     original = docker_task_handler.run_docker_container
+    # Replaced, not wrapped: its auto_remove loses a failing step's status (see StepContainers).
     docker_task_handler.run_docker_container = containers.run
     try:
         yield
