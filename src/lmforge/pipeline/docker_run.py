@@ -227,8 +227,9 @@ class StepContainers:
     kfp 2.17.3 starts each container with auto_remove=True and reads its exit status after the
     log stream ends; by then the engine has often removed the container, and KFP counts the
     NotFound as success (kubeflow/pipelines#13332, unfixed upstream; measured here: 3 of 10
-    fast-failing shell containers and 4 of 5 Python ones reported 0). Here a container is kept until its status is read,
-    then removed; each has a unique name and the run's label, so `remove_all` finds every one.
+    fast-failing shell containers and 4 of 5 Python ones reported 0). Here a container is kept
+    until its status is read, then removed; each has a unique name and the run's label, so
+    `remove_all` finds every one.
     """
 
     def __init__(self, client: Any) -> None:
