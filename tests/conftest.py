@@ -14,6 +14,7 @@ another shared data folder; a path that does not exist acts as a fresh clone. Up
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,6 +76,32 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TINY_CONFIG = REPO / "pipelines" / "configs" / "tiny.yaml"
 
 
+def lmforge_run(cwd: Path, corpus: Path, root: Path, *overrides: str, runner: str = "subprocess",
+                timeout: int = 900) -> dict[str, str]:
+    """`lmforge run` of the tiny config on `corpus` into `root`, in a subprocess as a user runs it; the
+    summary it prints (test perplexity, outputs, MLflow, model), or a test failure with its log's tail."""
+    command = [sys.executable, "-m", "lmforge.cli", "run", "--config", str(TINY_CONFIG), "--corpus", str(corpus),
+               "--set", f"storage.root={root}", *(x for o in overrides for x in ("--set", o)), "--runner", runner]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in summary.items()}
+
+
+def registered_model_scores(tracking_uri: str, model_uri: str, texts: list[str]) -> list[dict]:
+    """The registered pyfunc loaded from the registry in a fresh process, as a user would, and its rows for `texts`."""
+    import json
+
+    code = (
+        f"import json, mlflow; m = mlflow.pyfunc.load_model({model_uri!r});"
+        f"print(json.dumps(m.predict({list(texts)!r}).to_dict('records')))"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="session")
 def small_data_bin(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lmforge.data.preprocess import preprocess
@@ -101,7 +128,6 @@ def trained_checkpoints(small_data_bin: Path, tmp_path_factory: pytest.TempPathF
 # A tiny fairseq LM and fairseq's own scores for it, shared by test_scoring.py and
 # test_register.py (neither test module imports the other).
 
-import subprocess  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 #: What the scoring tests score: an empty text, out-of-vocabulary words, a one-word text.

@@ -1,15 +1,10 @@
 """`lmforge run` end to end on this machine: KFP's local runner, torchrun with 2 CPU
 processes, MLflow on SQLite, and the registered model loaded back from the registry."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, write_corpus
+from conftest import lmforge_run, registered_model_scores, write_corpus
 
 pytestmark = pytest.mark.e2e
 HELD_OUT = "the album was released in the united states on 12 may 2009 ."
@@ -20,14 +15,7 @@ def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     corpus = write_corpus(tmp / "corpus", train_lines=1500)
     root = tmp / "runs"
-    result = subprocess.run(
-        [sys.executable, "-m", "lmforge.cli", "run", "--config", str(REPO / "pipelines/configs/tiny.yaml"),
-         "--corpus", str(corpus), "--set", f"storage.root={root}", "--set", "train.max_epoch=2"],
-        cwd=tmp, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
-    return root, {k.strip(): v.strip() for k, v in summary.items()}
+    return root, lmforge_run(tmp, corpus, root, "train.max_epoch=2")
 
 
 def test_run_prints_perplexity_outputs_and_model_uri(finished_run):
@@ -78,13 +66,6 @@ def test_registered_model_scores_like_fairseq_hub(finished_run):
     expected = float(hub.score(HELD_OUT)["positional_scores"].sum())
 
     # Loaded by alias in a fresh process, as a user would.
-    code = (
-        "import json, mlflow; m = mlflow.pyfunc.load_model('models:/tiny-transformer-lm@champion');"
-        f"print(json.dumps(m.predict([{HELD_OUT!r}]).to_dict('records')))"
-    )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    row = json.loads(result.stdout.strip().splitlines()[-1])[0]
+    [row] = registered_model_scores(f"sqlite:///{root / 'mlflow.db'}", "models:/tiny-transformer-lm@champion", [HELD_OUT])
     assert row["log_prob"] == pytest.approx(expected, abs=1e-4)
     assert row["tokens"] == len(HELD_OUT.split())

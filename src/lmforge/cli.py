@@ -1,6 +1,6 @@
 """The `lmforge` command: the whole pipeline, each step by hand, compile, and the worker.
 
-    lmforge run --config pipelines/configs/tiny.yaml --corpus DIR
+    lmforge run --config pipelines/configs/tiny.yaml --corpus DIR [--runner docker]
     lmforge compile [--config FILE]
     lmforge submit|schedule|runs --host URL ...   (Kubeflow Pipelines)
     lmforge images build [--push REGISTRY] [--wheelhouse DIR] / lmforge images wheelhouse DIR
@@ -65,14 +65,15 @@ def check_against_fairseq(cfg: RunConfig) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-def run(*, config: str | None, overrides: list[str], corpus: str | None) -> None:
-    from lmforge.pipeline.local_run import run_pipeline
+def run(*, config: str | None, overrides: list[str], corpus: str | None, runner: str) -> None:
+    from lmforge.pipeline.local_run import check_runner, run_pipeline
 
     cfg = config_mod.resolve_local_paths(load_config(config, overrides, corpus=corpus))
     # embedded: training runs on this machine even inside a pod (a notebook server), unless the config says pytorchjob
     cfg = cfg.resolve_launcher({})
+    check_runner(cfg, runner)
     check_against_fairseq(cfg)
-    result = run_pipeline(cfg)
+    result = run_pipeline(cfg, runner)
     print(f"test perplexity: {result['perplexity']:.2f}")
     print(f"outputs:         {result['run_dir']}")
     print(f"MLflow:          {result['tracking_uri']} (run {result['mlflow_run_id']})")
@@ -311,8 +312,13 @@ def kfp_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_options(p: argparse.ArgumentParser) -> None:
+    from lmforge.pipeline.local_run import RUNNERS
+
     config_options(p)
     p.add_argument("--corpus", help="local corpus directory (train.txt, valid.txt, test.txt); replaces corpus.source")
+    p.add_argument("--runner", choices=RUNNERS, default="subprocess",
+                   help="subprocess: every step a process of this Python (default); docker: every step a "
+                        "container of the steps image (`lmforge images build --role steps`)")
 
 
 def compile_options(p: argparse.ArgumentParser) -> None:

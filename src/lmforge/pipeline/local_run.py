@@ -1,17 +1,23 @@
 """The embedded default: the compiled DAG executed by KFP's local runner on this machine.
 
-In: a validated run config with absolute local paths. Out: the pipeline's
+In: a validated run config with absolute local paths, and the runner. Out: the pipeline's
 outputs (model URI, perplexity, MLflow run) plus where everything landed.
-KFP's SubprocessRunner runs each lightweight component in a subprocess of
-this Python (no Docker, no venv per task), with its working files under
-`<storage.root>/kfp-local`.
+
+- `subprocess` (the default): KFP's SubprocessRunner runs each lightweight component in a
+  subprocess of this Python (no Docker, no venv per task);
+- `docker`: KFP's DockerRunner runs each one in a container of the steps image
+  (lmforge.pipeline.docker_run says what the containers see).
+
+KFP's working files are under `<storage.root>/kfp-local` either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +28,25 @@ from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
 
+RUNNERS = ("subprocess", "docker")
 
-def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+
+def check_runner(cfg: RunConfig, runner: str) -> None:
+    """What `runner` needs, checked before anything runs (one line when it is missing)."""
+    if runner not in RUNNERS:
+        raise LmforgeError(f"--runner {runner}: unknown; use one of {', '.join(RUNNERS)}")
+    if runner == "docker":
+        if cfg.train.launcher == "pytorchjob":
+            raise LmforgeError(
+                "--runner docker trains inside the train step's container: set train.launcher=local "
+                "(a PyTorchJob needs a cluster: lmforge submit)"
+            )
+        from lmforge.pipeline import docker_run
+
+        docker_run.check_engine()
+
+
+def run_pipeline(cfg: RunConfig, runner: str = "subprocess") -> dict[str, Any]:
     from kfp import local
 
     from lmforge.pipeline.definition import lmforge_pipeline
@@ -32,23 +55,18 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     local_root = storage.local_path(cfg.storage.root)
     kfp_root = local_root / "kfp-local" if local_root is not None else steps.scratch_dir("kfp-local")
     kfp_root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root))
-    # A failing step writes its one-line reason here; the runner itself only says "FAILURE".
-    with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:
-        error_file = Path(tmp) / "error"
-        previous = os.environ.get(steps.ERROR_FILE_ENV)
-        os.environ[steps.ERROR_FILE_ENV] = str(error_file)
+    # A failing step writes its one-line reason here; the runner itself only says "FAILURE". Under KFP's
+    # pipeline root, which a step container has mounted at the same path.
+    with tempfile.TemporaryDirectory(prefix="errors-", dir=kfp_root) as tmp, \
+            _environment(steps.ERROR_FILE_ENV, str(Path(tmp) / "error")) as error_file, \
+            _kfp_runner(runner, cfg, kfp_root) as kfp_runner:
+        local.init(runner=kfp_runner, pipeline_root=str(kfp_root))
         try:
             outputs = lmforge_pipeline(config_json=cfg.to_json()).outputs
         except RuntimeError as exc:
-            if error_file.is_file():
-                raise LmforgeError(error_file.read_text().strip()) from None
+            if Path(error_file).is_file():
+                raise LmforgeError(Path(error_file).read_text().strip()) from None
             raise LmforgeError(f"the pipeline failed ({exc}); the step's log above says why") from None
-        finally:
-            if previous is None:
-                os.environ.pop(steps.ERROR_FILE_ENV, None)
-            else:
-                os.environ[steps.ERROR_FILE_ENV] = previous
     mlflow_run_id = outputs["mlflow_run_id"]
     return {
         "model_uri": outputs["model_uri"],
@@ -57,6 +75,33 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         "tracking_uri": steps.tracking_uri(cfg),
         "run_dir": str(_run_dir_of(cfg, mlflow_run_id)),
     }
+
+
+@contextlib.contextmanager
+def _kfp_runner(runner: str, cfg: RunConfig, kfp_root: Path) -> Iterator[Any]:
+    from kfp import local
+
+    if runner == "docker":
+        from lmforge.pipeline.docker_run import docker_runner
+
+        with docker_runner(cfg, kfp_root) as docker:
+            yield docker
+    else:
+        yield local.SubprocessRunner(use_venv=False)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[str]:
+    """`name` set to `value` in this process's environment (what the steps inherit) for the duration."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield value
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def _run_dir_of(cfg: RunConfig, mlflow_run_id: str) -> str:
