@@ -284,6 +284,7 @@ def test_dockerignore_keeps_the_context_small_and_complete() -> None:
         ("steps", "import torch, fairseq, mlflow, kfp, lmforge; assert torch.version.cuda is None"),
         ("trainer", "import torch, fairseq, mlflow, lmforge; assert torch.__version__ == '2.13.0+cpu'"),
     ],
+    ids=["steps", "trainer"],
 )
 def test_image_builds_hermetically_and_runs_as_non_root(role: str, check: str, request: pytest.FixtureRequest) -> None:
     """Built with no network from the wheelhouse on the local base; the Dockerfile's own smoke
