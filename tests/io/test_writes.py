@@ -9,7 +9,6 @@ import os
 import pickle
 import tempfile
 import uuid
-from pathlib import Path
 
 import boto3
 import pytest

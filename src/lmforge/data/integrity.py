@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.data.formats import (
-    MMAP_DTYPE_CODES, MMAP_HEADER_BYTES, MMAP_MAGIC, MMAP_VERSION, SPECIALS, idx_bytes, pointers_offset,
-    sizes_offset,
+    MMAP_HEADER_BYTES, MMAP_MAGIC, MMAP_VERSION, SPECIALS, idx_bytes, pointers_offset, sizes_offset,
 )
 from lmforge.errors import LmforgeError
 from lmforge.io import storage

@@ -130,12 +130,6 @@ def write_error(exc: OSError, destination: str | Path, *, where: str | Path | No
     return WriteError(str(destination), exc.errno, local, needed)
 
 
-def refused_write(exc: OSError) -> bool:
-    """True for the errors only a write meets (a full disk, a quota, a read-only filesystem):
-    a reader that meets one lets it through to the `writing` block around it."""
-    return exc.errno in _WRITE_ONLY
-
-
 @contextlib.contextmanager
 def writing(destination: str | Path, *, where: str | Path | None = None, needed: int | None = None) -> Iterator[None]:
     """Turn a refused write inside the block into a `WriteError` naming `destination`.
