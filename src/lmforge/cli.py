@@ -184,6 +184,7 @@ def register(*, config: str | None, overrides: list[str], data_bin: str, checkpo
              metrics: str | None) -> None:
     """The register step itself (`lmforge.steps.register`), fed what a pipeline run would feed it."""
     from lmforge import steps
+    from lmforge.data import integrity
     from lmforge.io.hashing import file_sha256
     from lmforge.models.evaluate import evaluate as score
     from lmforge.models.evaluate import read_metrics
@@ -195,6 +196,9 @@ def register(*, config: str | None, overrides: list[str], data_bin: str, checkpo
             raise LmforgeError(
                 f"{prefix}{what} {path} does not exist; pass --checkpoint FILE and --data-bin DIR with dict.txt"
             )
+    unreadable = integrity.model_problems(checkpoint, Path(data_bin) / "dict.txt")
+    if unreadable:
+        raise LmforgeError("cannot register: " + "; ".join(unreadable))
     # The gate needs the evaluation: the one `lmforge evaluate --out` wrote, or a fresh one.
     evaluation = read_metrics(metrics) if metrics else score(cfg, data_bin, checkpoint)
     if run_id:

@@ -34,6 +34,7 @@ from typing import IO, Any
 from lmforge.config import SPLITS
 from lmforge.data.text_stats import NotUtf8, TextStats
 from lmforge.errors import LmforgeError
+from lmforge.io.writes import write_error
 
 # 1 MiB reads, as for a download: negligible per-chunk overhead, flat memory.
 CHUNK = 1 << 20
@@ -482,6 +483,8 @@ def extract(container: Container, name: str, out: Path) -> dict[str, Any]:
         # BadZipFile covers a CRC mismatch; EOFError/zlib errors a truncated gzip.
         raise LmforgeError(f"{name} in {where}: cannot read it from the archive ({e})") from None
     except OSError as e:
+        if write_error(e, out) is not None:
+            raise  # writing the copy failed, not reading the member: the caller names its destination
         if isinstance(e, (FileNotFoundError, PermissionError)):
             raise LmforgeError(f"{name} in {where}: {e.strerror}") from None
         raise LmforgeError(f"{name} in {where}: cannot read it ({e})") from None

@@ -60,6 +60,7 @@ from lmforge.io.s3 import READ_TIMEOUT_S
 from lmforge.io.staging import replace_dir
 from lmforge.io.transfer import BACKOFF_S, MAX_BACKOFF_S, RETRIES, Unreachable, check_pins, fetch
 from lmforge.io.uris import LOCAL, Location, parse_location
+from lmforge.io.writes import WriteError, writing
 
 __all__ = ["download_corpus", "combined_digest", "Unreachable"]
 
@@ -123,7 +124,8 @@ def download_corpus(
 
     Returns the manifest. Raises IntegrityError when the downloaded bytes do not
     match `sha256`/`size`, Unreachable when no location could be reached,
-    LmforgeError for every other user-fixable problem; in every failure case
+    WriteError when DEST's disk fills up (or refuses the write), LmforgeError for every
+    other user-fixable problem; in every failure case
     nothing is left at `dest_dir` and no temporary file stays behind.
     """
     request = _resolve(source, sha256=sha256, size=size, members=members, locations=locations, catalog=catalog)
@@ -135,20 +137,20 @@ def download_corpus(
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
     dest = Path(dest_dir).expanduser()
     _check_dest(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        blob = None if request.directory is not None else _obtain(request, tmp_dir, cache, transfer)
-        with _open(request, blob, limits) as container:
-            splits = _extract_splits(container, request.members, tmp_dir)
-        manifest = {"source": request.shown, **_identity(blob, splits), "splits": splits}
-        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if blob is not None and blob.temporary:
-            _set_aside(blob, cache)
-        _publish(tmp_dir, dest)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with writing(dest):  # a full disk or a read-only DEST: one line naming it, after the cleanup below
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            blob = None if request.directory is not None else _obtain(request, tmp_dir, cache, transfer)
+            with _open(request, blob, limits) as container:
+                splits = _extract_splits(container, request.members, tmp_dir)
+            manifest = {"source": request.shown, **_identity(blob, splits), "splits": splits}
+            (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            if blob is not None and blob.temporary:
+                _set_aside(blob, cache)
+            _publish(tmp_dir, dest)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info(
         "%s -> %s: %s",
         request.shown,
@@ -276,6 +278,8 @@ def _obtain(request: _Request, scratch: Path, cache: Path | None, transfer: dict
         except IntegrityError as e:
             integrity.append(str(e))
             err: Exception = e
+        except WriteError:
+            raise  # our disk, not the location: the next one would fill it just the same
         except LmforgeError as e:
             err = e
         nxt = f"; trying {locs[i + 1].display}" if i + 1 < len(locs) else ""

@@ -132,13 +132,21 @@ def sentence_pointers(sizes: np.ndarray, pointer: int, dtype: np.dtype) -> tuple
 
 
 def iter_int32(path: Path, chunk: int) -> Iterator[np.ndarray]:
-    """The int32 values of `path` in runs of `chunk`."""
-    with open(path, "rb") as f:
-        while True:
+    """The int32 values of `path` in runs of `chunk`.
+
+    The file is open only while a run is read: a consumer that fails between runs (a full disk)
+    would otherwise keep a deleted scratch file open, and its space taken, as long as the
+    exception lives.
+    """
+    offset = 0
+    while True:
+        with open(path, "rb") as f:
+            f.seek(offset)
             values = np.fromfile(f, dtype=np.int32, count=chunk)
-            if not len(values):
-                return
-            yield values
+        if not len(values):
+            return
+        offset += values.nbytes
+        yield values
 
 
 def copy_into(dst: Any, src: Path, chunk: int = 8 << 20) -> int:

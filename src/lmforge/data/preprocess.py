@@ -52,6 +52,7 @@ from lmforge.data.stages import (
 from lmforge.data.tokenization import KINDS, MODEL_FILES, TOKENIZER_MANIFEST
 from lmforge.errors import LmforgeError
 from lmforge.io import storage
+from lmforge.io.writes import writing
 from lmforge.logs import Progress
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int =
 
     Raises LmforgeError (one line, before any work) for a missing split file, a bad
     argument or a `dest_dir` holding other files; CorpusError (one line) for a corpus
-    the checks refuse. Output appears at `dest_dir`
+    the checks refuse; WriteError (one line, the space left) for a disk that fills up. Output appears at `dest_dir`
     only when complete; on failure earlier output there is left as it was.
     """
     corpus_dir, dest_dir = str(corpus_dir), str(dest_dir)
@@ -167,9 +168,11 @@ def preprocess(corpus_dir: str | Path, dest_dir: str | Path, *, threshold: int =
     started = time.perf_counter()
     dest_local = storage.local_path(dest_dir)
     scratch_parent = dest_local.parent if dest_local is not None and work_dir is None else None
-    if scratch_parent is not None:
-        scratch_parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
+    # A full disk (or a read-only --out) anywhere below is one line naming `dest_dir` (lmforge.io.writes),
+    # raised after every scratch file is gone; earlier output at `dest_dir` is left as it was.
+    with writing(dest_dir), contextlib.ExitStack() as stack:
+        if scratch_parent is not None:
+            scratch_parent.mkdir(parents=True, exist_ok=True)
         if work_dir is None:
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix=".preprocess-", dir=scratch_parent))
         else:

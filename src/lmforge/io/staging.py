@@ -11,6 +11,10 @@ In: a location (local path, file:// or s3://). Out (context managers):
   is there);
 - `replace_dir(src, dest)`: the rename that publishes a finished local directory.
 
+A write the filesystem refuses in a staged block (a full disk, a quota, a read-only
+destination) becomes one line naming `uri` and the space left (lmforge.io.writes), raised
+after the temporary directory is gone.
+
     lmforge preprocess --corpus s3://bucket/corpus --out s3://bucket/data-bin
 
 Used by the data stages, the download stage, evaluation and registration.
@@ -27,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lmforge.io import storage
+from lmforge.io.writes import writing
 
 
 def replace_dir(src: Path, dest: Path) -> None:
@@ -57,16 +62,17 @@ def staged_dir(uri: str | Path, last: str | None = None) -> Iterator[Path]:
     """A local directory whose files become the directory `uri` when the block finishes without error."""
     local = storage.local_path(uri)
     if local is not None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
-        try:
-            yield tmp
-            replace_dir(tmp, local)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with writing(local):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+            try:
+                yield tmp
+                replace_dir(tmp, local)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return
-    with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as tmp, writing(uri, where=tmp):
         yield Path(tmp)
         storage.put_dir(tmp, uri, last=last)
 

@@ -6,7 +6,8 @@ In:  locations (parsed by lmforge.io.uris) and local files. Out: byte ranges,
      a stock Kubeflow) share one code path. `put_text` writes a small text file
      (a config, a manifest, metrics) the same way.
 
-Writes are atomic and verified:
+Writes are atomic and verified (a full disk, a quota or a read-only destination is one line
+naming it: lmforge.io.writes):
 - local: copy to a temporary name in the destination directory, fsync, rename;
 - S3: a PUT is all-or-nothing for readers, so the object is uploaded under its
   final key with its sha256 in the object metadata, then a HEAD checks size and
@@ -35,6 +36,7 @@ from lmforge.io import s3
 from lmforge.io.hashing import hash_file
 from lmforge.errors import IntegrityError, LmforgeError
 from lmforge.io.uris import S3, Location, parse_location
+from lmforge.io.writes import writing
 
 SHA256_METADATA = "lmforge-sha256"  # stored as x-amz-meta-lmforge-sha256
 CHUNK = 8 << 20
@@ -150,7 +152,6 @@ def read_text(uri: str | Path, *, endpoint_url: str | None = None) -> str:
 def get_file(uri: str | Path, dest: str | Path, *, endpoint_url: str | None = None) -> dict[str, Any]:
     """Copy `uri` to the local file `dest` atomically; verify size (and sha256 where it was recorded)."""
     loc, dest = _parse(uri), Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     expected_size, expected_sha = None, None
     if loc.kind == S3:
         head = _head(loc, endpoint_url)
@@ -158,21 +159,23 @@ def get_file(uri: str | Path, dest: str | Path, *, endpoint_url: str | None = No
         expected_sha = head.get("Metadata", {}).get(SHA256_METADATA)
     else:
         expected_size = _existing(loc).stat().st_size
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    digest, written = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in iter_range(uri, 0, expected_size, endpoint_url=endpoint_url):
-                out.write(chunk)
-                digest.update(chunk)
-                written += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        _verify(loc.uri, expected_size, expected_sha, written, digest.hexdigest())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(dest, needed=expected_size):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        digest, written = hashlib.sha256(), 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in iter_range(uri, 0, expected_size, endpoint_url=endpoint_url):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            _verify(loc.uri, expected_size, expected_sha, written, digest.hexdigest())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return {"size": written, "sha256": digest.hexdigest()}
 
 
@@ -215,19 +218,20 @@ def put_file(src: str | Path, uri: str | Path, *, endpoint_url: str | None = Non
         assert loc.path is not None
         if loc.path.resolve() == src.resolve():
             return {"size": nbytes, "sha256": sha}
-        loc.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{loc.path.name}.", suffix=".part", dir=loc.path.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            copied_sha, copied_size = hash_file(Path(tmp))
-            _verify(loc.uri, nbytes, sha, copied_size, copied_sha)
-            os.replace(tmp, loc.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with writing(loc.path, needed=nbytes):
+            loc.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{loc.path.name}.", suffix=".part", dir=loc.path.parent)
+            os.close(fd)
+            try:
+                shutil.copyfile(src, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                copied_sha, copied_size = hash_file(Path(tmp))
+                _verify(loc.uri, nbytes, sha, copied_size, copied_sha)
+                os.replace(tmp, loc.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         return {"size": nbytes, "sha256": sha}
     client = s3_client(endpoint_url)
     try:
@@ -256,7 +260,8 @@ def put_text(text: str, uri: str | Path, *, endpoint_url: str | None = None) -> 
     """Write `text` (UTF-8) to the file `uri`: a temporary file, then `put_file` (locally an atomic write)."""
     with tempfile.TemporaryDirectory(prefix="lmforge-text-") as tmp:
         local = Path(tmp) / "text"
-        local.write_text(text, encoding="utf-8")
+        with writing(uri, where=tmp):
+            local.write_text(text, encoding="utf-8")
         return put_file(local, uri, endpoint_url=endpoint_url)
 
 

@@ -40,6 +40,7 @@ from lmforge.errors import IntegrityError, LmforgeError
 from lmforge.io import s3
 from lmforge.io.s3 import CONNECT_TIMEOUT_S, READ_TIMEOUT_S
 from lmforge.io.uris import HTTP, S3, Location, parse_location
+from lmforge.io.writes import writing
 from lmforge.logs import Progress
 
 log = logging.getLogger(__name__)
@@ -340,25 +341,27 @@ def fetch(
     """Download one http(s):// or s3:// file to `out`: temporary name, resumed transfer, pins checked, rename.
 
     Returns (sha256, bytes). On any failure `out` is untouched and no
-    temporary file remains. `where` names the source in messages (default:
+    temporary file remains; a disk that fills up (or a read-only `out`) is a one-line
+    WriteError naming `out` (lmforge.io.writes). `where` names the source in messages (default:
     its redacted URI).
     """
     loc = source if isinstance(source, Location) else parse_location(source)
     where = where or loc.display
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.download-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        digest, n = _stream(
-            _source(loc, retries, timeout_s, endpoint_url), loc, tmp, size=size, where=where,
-            retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s,
-        )
-        check_pins(where, sha256, size, digest, n)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(out, needed=size):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.download-", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            digest, n = _stream(
+                _source(loc, retries, timeout_s, endpoint_url), loc, tmp, size=size, where=where,
+                retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s,
+            )
+            check_pins(where, sha256, size, digest, n)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return digest, n
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from lmforge import tasks
 from lmforge.config import RunConfig
+from lmforge.data import integrity
 from lmforge.errors import LmforgeError
 from lmforge.io import storage
 from lmforge.tasks.base import Task
@@ -31,10 +32,18 @@ def identity_sha256(identity: dict[str, Any]) -> str:
 
 
 def check_inputs(task: Task, data_dir: Path, checkpoint: Path, splits: list[str]) -> None:
+    """Every file the evaluation reads is there and readable by fairseq (lmforge.data.integrity):
+    one error naming each problem, before fairseq starts."""
     if not checkpoint.is_file():
         raise LmforgeError(f"checkpoint {checkpoint} does not exist; pass the train step's checkpoint_best.pt")
     names = [p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()]
     problems = task.data_problems(str(data_dir), names, splits)
+    if not problems:
+        problems = integrity.data_bin_problems(data_dir, [f for s in splits for f in task.split_files(s)],
+                                               task.dictionary)
+    problem = integrity.checkpoint_problem(checkpoint)
+    if problem:
+        problems.append(problem)
     if problems:
         raise LmforgeError("cannot evaluate: " + "; ".join(problems))
 

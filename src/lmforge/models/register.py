@@ -41,6 +41,7 @@ from typing import Any
 
 from lmforge.config.validation import alias_problems
 from lmforge import tasks, tracking
+from lmforge.data import integrity
 from lmforge.errors import LmforgeError
 from lmforge.io.hashing import file_sha256
 from lmforge.models import requirements
@@ -138,6 +139,10 @@ def register_model(
             f"checkpoint without its dictionary: {dict_path} does not exist; "
             "pass --data-bin with the dict.txt the model was trained with"
         )
+    # What fairseq could not read, named before it is packaged (lmforge.data.integrity)
+    unreadable = integrity.model_problems(checkpoint, dict_path)
+    if unreadable:
+        raise LmforgeError("cannot register: " + "; ".join(unreadable))
     data_bin = _local_path(data_bin) if data_bin is not None else dict_path.parent
     if not model_name or not model_name.strip():
         raise LmforgeError("model name is empty; set registry.model_name")

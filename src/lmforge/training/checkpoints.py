@@ -7,7 +7,8 @@ In: the local directory fairseq saves into and the checkpoint URI. Out:
   `checkpoints.json` (name -> updates, epoch, size, sha256, best loss) is rewritten last;
 - `stage_newest`: before training, the newest checkpoint at the URI that loads is copied into
   the local directory as checkpoint_last.pt (what fairseq resumes from), passing over a torn,
-  empty or mismatching one;
+  empty or mismatching one (what loads is lmforge.data.integrity's call), each with its reason
+  logged; `resume_plan` says the same without staging anything (`lmforge train --dry-run`);
 - `summary`: what training reached, read from `checkpoints.json` without downloading a model.
 
 The worker (`lmforge worker`) does all three; nothing here imports fairseq.
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lmforge.data import integrity
 from lmforge.io import storage
 from lmforge.errors import LmforgeError
 from lmforge.fairseq_api.calls import SaveEvent
@@ -132,19 +134,20 @@ def candidates(uri: str, manifest: dict[str, Any] | None = None) -> list[str]:
 
 
 def loadable_state(path: Path) -> dict[str, Any] | None:
-    """The checkpoint's training position if it loads as a fairseq checkpoint, else None."""
-    import torch
+    """The checkpoint's training position if training can resume from it, else None (the reason logged)."""
+    state, reason = _position(path)
+    if reason is not None:
+        log.warning("%s: %s", path, reason)
+    return state
 
+
+def _position(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """({num_updates}, None) for a checkpoint training can resume from, else (None, why not)."""
     try:
-        # mmap: reads the archive's index, not the tensors; a truncated zip has no index
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # torn, empty, not a checkpoint: all mean "try the previous one"
-        log.warning("%s does not load (%s: %s)", path.name, type(exc).__name__, str(exc)[:200])
-        return None
-    if not isinstance(state, dict) or "model" not in state or not state.get("optimizer_history"):
-        log.warning("%s is not a fairseq training checkpoint", path.name)
-        return None
-    return {"num_updates": int(state["optimizer_history"][-1].get("num_updates", 0))}
+        state = integrity.read_checkpoint(path, resumable=True)
+    except integrity.UnreadableFile as exc:  # torn, empty, not a checkpoint: all mean "try the previous one"
+        return None, exc.fault
+    return {"num_updates": int(state["optimizer_history"][-1].get("num_updates", 0))}, None
 
 
 @contextmanager
@@ -209,32 +212,39 @@ def _reuse(local_dir: Path, names: list[str], entries: dict[str, Any]) -> tuple[
     return True, {"name": record["name"], "num_updates": record["num_updates"]}
 
 
+def _remote_problem(uri: str, name: str, entry: dict[str, Any] | None) -> str | None:
+    """Why the checkpoint `name` at `uri` is not worth copying, from its size alone (None: copy it)."""
+    remote_size = storage.size(storage.join(uri, name))
+    if remote_size == 0:
+        return "empty (0 bytes)"
+    if entry is not None and remote_size != entry["size"]:
+        return f"torn: {remote_size} bytes, {entry['size']} were uploaded"
+    return None
+
+
+def _copy_problem(sha256: str, entry: dict[str, Any] | None) -> str | None:
+    if entry is not None and sha256 != entry["sha256"]:
+        return "its bytes do not match the sha256 recorded at upload"
+    return None
+
+
 def _try_stage(
     uri: str, name: str, entry: dict[str, Any] | None, local_dir: Path, names: list[str]
 ) -> dict[str, Any] | None:
     remote = storage.join(uri, name)
-    remote_size = storage.size(remote)
-    if remote_size == 0:
-        log.warning("%s is empty; trying the previous checkpoint", remote)
-        return None
-    if entry is not None and remote_size != entry["size"]:
-        log.warning("%s has %d bytes, %d were uploaded: torn; trying the previous checkpoint",
-                    remote, remote_size, entry["size"])
-        return None
+    reason = _remote_problem(uri, name, entry)
     part = local_dir / (name + ".download")
-    try:
-        copied = storage.get_file(remote, part)
-    except LmforgeError as exc:
-        log.warning("%s could not be copied (%s); trying the previous checkpoint", remote, exc)
-        part.unlink(missing_ok=True)
-        return None
-    if entry is not None and copied["sha256"] != entry["sha256"]:
-        log.warning("%s does not match the sha256 recorded at upload; trying the previous checkpoint", remote)
-        part.unlink()
-        return None
-    state = loadable_state(part)
+    if reason is None:
+        try:
+            reason = _copy_problem(storage.get_file(remote, part)["sha256"], entry)
+        except LmforgeError as exc:
+            reason = f"could not be copied ({exc})"
+    state = None
+    if reason is None:
+        state, reason = _position(part)
     if state is None:
-        part.unlink()
+        log.warning("passing over %s: %s; trying the previous checkpoint", remote, reason)
+        part.unlink(missing_ok=True)
         return None
     last = local_dir / LAST
     os.replace(part, last)
@@ -244,6 +254,34 @@ def _try_stage(
     (local_dir / _STAGED).write_text(json.dumps(record))
     log.info("resuming from %s (%d updates)", remote, state["num_updates"])
     return {"name": name, "num_updates": state["num_updates"]}
+
+
+def resume_plan(uri: str) -> dict[str, Any]:
+    """What `stage_newest` would resume from, staging nothing: {"from": name or None,
+    "num_updates", "passed_over": [{"name", "reason"}] newest first}. What `lmforge train
+    --dry-run` reports; a checkpoint at an s3:// location is copied to a temporary file to be checked."""
+    from lmforge.io.hashing import file_sha256
+    from lmforge.io.staging import fetched_file
+
+    manifest = read_manifest(uri)
+    entries = manifest["checkpoints"]
+    passed_over = []
+    for name in candidates(uri, manifest):
+        entry = entries.get(name)
+        reason = _remote_problem(uri, name, entry)
+        state = None
+        if reason is None:
+            try:
+                with fetched_file(storage.join(uri, name)) as local:
+                    reason = _copy_problem(file_sha256(local), entry) if entry is not None else None
+                    if reason is None:
+                        state, reason = _position(local)
+            except LmforgeError as exc:
+                reason = f"could not be copied ({exc})"
+        if state is not None:
+            return {"from": name, "num_updates": state["num_updates"], "passed_over": passed_over}
+        passed_over.append({"name": name, "reason": reason})
+    return {"from": None, "num_updates": 0, "passed_over": passed_over}
 
 
 # ------------------------------------------------------------------ reading results

@@ -7,9 +7,11 @@ and a summary (epochs, updates, best validation loss, the two checkpoints' locat
 Running again with the same checkpoint location resumes from the newest checkpoint that loads.
 
 Before anything starts, `preflight` checks what the config cannot check alone: the data-bin
-(splits, vocabulary size against adaptive softmax cutoffs) and the machine or cluster the
-launcher will use. `dry_run` adds fairseq's own view of one epoch, the model as built (parameter
-count, embedding, layers and widths) and one real batch.
+(splits present and readable by fairseq: lmforge.data.integrity; vocabulary size against
+adaptive softmax cutoffs) and the machine or cluster the launcher will use. `dry_run` adds
+fairseq's own view of one epoch, the model as built (parameter count, embedding, layers and
+widths), one real batch, and the checkpoint training would resume from (and those it would
+pass over, with the reason).
 
     lmforge train --config tiny.yaml --data-bin DIR --checkpoints DIR [--dry-run]
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 from lmforge import fairseq_api
 from lmforge.config import RunConfig
+from lmforge.data import integrity
 from lmforge.errors import LmforgeError
 from lmforge.fairseq_api.arguments import train_args
 from lmforge.io import storage
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "run-config.json"
 SPECIAL_SYMBOLS = 4  # <s>, <pad>, </s>, <unk>: in fairseq's Dictionary, not in dict.txt
+TRAINING_SPLITS = ("train", "valid")  # what fairseq-train reads
 
 
 def _absolute(location: str | Path) -> str:
@@ -48,13 +52,18 @@ def _absolute(location: str | Path) -> str:
 
 
 def data_problems(cfg: RunConfig, data_bin: str) -> list[str]:
-    """What the data-bin lacks for this config (needs only listing it and reading dict.txt)."""
+    """What the data-bin lacks for this config, and what in it fairseq could not read: the dictionary
+    and the train and valid splits checked (lmforge.data.integrity: reads dict.txt and the .idx files,
+    and the .bin files' sizes)."""
     from lmforge import tasks
 
     names = storage.list_files(data_bin)
-    problems = tasks.get(cfg.task).data_problems(str(data_bin), names, ("train", "valid"))
-    if "dict.txt" not in names:
+    task = tasks.get(cfg.task)
+    problems = task.data_problems(str(data_bin), names, TRAINING_SPLITS)
+    if task.dictionary not in names:
         return problems
+    present = [name for split in TRAINING_SPLITS for name in task.split_files(split) if name in names]
+    problems += integrity.data_bin_problems(data_bin, present, task.dictionary)
     cutoff = cfg.model.adaptive_softmax_cutoff()
     if cutoff:
         vocab = SPECIAL_SYMBOLS + sum(1 for line in storage.read_text(storage.join(data_bin, "dict.txt")).splitlines() if line.strip())
@@ -153,8 +162,9 @@ def train(
 
 
 def dry_run(cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path) -> dict[str, Any]:
-    """Preflight, then fairseq's batching of one epoch, the model as built (parameters, shapes) and one
-    forward/backward pass here; nothing is saved."""
+    """Preflight (the data-bin's files checked), then fairseq's batching of one epoch, the model as
+    built (parameters, shapes) and one forward/backward pass here; nothing is saved. The report's
+    "resume" says which checkpoint training would resume from and which it would pass over, and why."""
     cfg = cfg.resolve_launcher(os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
     preflight(cfg, data_bin, checkpoint_uri)
@@ -167,12 +177,21 @@ def dry_run(cfg: RunConfig, data_bin: str | Path, checkpoint_uri: str | Path) ->
         # placed as rank 0 of the job, but single-process: the batching below shards for `world`
         argv = train_args(cfg, str(local_data), tmp, Placement(cuda=cuda))
         report = fairseq_api.dry_run(argv, world_size=world, update_freq=cfg.train.update_freq)
+    resume = checkpoints.resume_plan(checkpoint_uri)
     report.update({
         "launcher": cfg.train.launcher, "processes": world, "data_bin": data_bin, "checkpoints": checkpoint_uri,
-        "resumes_from": sorted(checkpoints.read_manifest(checkpoint_uri)["checkpoints"]) or None,
+        "resume": resume,
     })
     if cfg.train.max_update:
         report["epochs_for_max_update"] = round(cfg.train.max_update / max(report["updates_per_epoch"], 1), 2)
+    for skipped in resume["passed_over"]:
+        log.warning("dry run: training would pass over %s: %s", storage.join(checkpoint_uri, skipped["name"]),
+                    skipped["reason"])
+    if resume["from"]:
+        log.info("dry run: training would resume from %s (%d updates)", storage.join(checkpoint_uri, resume["from"]),
+                 resume["num_updates"])
+    else:
+        log.info("dry run: training would start from scratch (no checkpoint at %s loads)", checkpoint_uri)
     model = report["model"]
     log.info("dry run: model of %s parameters: embed_tokens %s, %d layers, widths %s, projections %s",
              f"{report['parameters']:,}", model["embed_tokens"], model["layers"], model["widths"],
