@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, ...]] = [
     # the task interface, the one caller of fairseq, and the data stages
     ("lmforge.tasks.base", "lmforge.fairseq_api", "lmforge.data"),
     # training, the model's life after training, and the tasks' implementations
-    ("lmforge.training", "lmforge.models", "lmforge.tasks.language_modeling"),
+    # (the launchers among it: local processes, the emulated PyTorchJob's containers, the PyTorchJob)
+    ("lmforge.training", "lmforge.training.launchers.containers", "lmforge.models", "lmforge.tasks.language_modeling"),
     ("lmforge.steps",),
     ("lmforge.pipeline",),
     # entry points: the CLI and the compatibility modules of earlier releases

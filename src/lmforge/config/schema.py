@@ -159,8 +159,17 @@ class TrainConfig:
     )
     nnodes: int = doc(
         "Nodes (PyTorchJob replicas: 1 Master + nnodes-1 Workers). With the local launcher, nnodes > 1 "
-        "emulates them as local processes given the operator's environment.",
+        "emulates them (see local_replicas), each given the operator's environment.",
         1,
+    )
+    local_replicas: str = doc(
+        "How the local launcher runs an emulated PyTorchJob's replicas: 'processes' (local processes, each with "
+        "its own cache on this machine's disk) or 'containers' (containers of train.pytorchjob.image on the "
+        "Docker engine of DOCKER_HOST, host networking, no volumes, restarted on exit codes 128-255 up to "
+        "train.pytorchjob.backoff_limit as restartPolicy ExitCode does; even nnodes = 1 is then a one-Master "
+        "job). Containers share no disk with this machine: the data-bin and checkpoints must be s3:// and "
+        "the tracking URI a server's.",
+        "processes",
     )
     nproc: int = doc("Training processes per node (torchrun --nproc-per-node); GPUs where present, else CPU/gloo.", 2)
     max_epoch: int = doc("Stop after this many epochs (0: no limit).", 5)
