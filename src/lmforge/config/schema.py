@@ -125,7 +125,11 @@ class ModelConfig:
 class PyTorchJobConfig:
     """The Kubeflow Training Operator PyTorchJob that runs training on a cluster (train.launcher=pytorchjob)."""
 
-    image: str = doc("Trainer image of every replica (the CUDA image of docker/).", TRAINER_IMAGE)
+    image: str = doc(
+        "Trainer image of every replica (the CUDA image of docker/); also of the local replica containers "
+        "(train.local_replicas: containers; its CPU variant there).",
+        TRAINER_IMAGE,
+    )
     gpus_per_node: int | None = doc(
         "nvidia.com/gpu per pod; null: one per process (train.nproc); 0: CPU pods (gloo).", None
     )
@@ -138,7 +142,11 @@ class PyTorchJobConfig:
         "Pod tolerations (Kubernetes form).",
         factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     )
-    backoff_limit: int = doc("Job restarts (after retryable exits) before the job fails (runPolicy.backoffLimit).", 3)
+    backoff_limit: int = doc(
+        "Job restarts (after retryable exits) before the job fails (runPolicy.backoffLimit); also the "
+        "restarts of the local replica containers, counted over the whole job.",
+        3,
+    )
     active_deadline_seconds: int = doc("The job fails after this many seconds (runPolicy.activeDeadlineSeconds).", 172800)
     ttl_seconds_after_finished: int = doc("A finished job is deleted after this many seconds.", 86400)
     clean_pod_policy: str = doc("Pods killed when the job ends: Running, All or None.", "Running")

@@ -313,10 +313,25 @@ def test_two_replica_containers_train_from_s3_and_only_rank_0_logs(uninterrupted
     print(f"containers: 2 replicas x 1 process, {MAX_UPDATE} updates in {uninterrupted['wall_s']:.1f} s")
 
 
+@contextlib.contextmanager
+def supervisor_messages():
+    """The supervisor's log messages (caplog's handler on the root logger does not survive the train
+    step's logging setup)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(containers.__name__)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_training_resumes_with_the_same_losses(
-    uninterrupted, docker_client, s3_training, mlflow_server, caplog,
+    uninterrupted, docker_client, s3_training, mlflow_server,
 ):
     """`docker kill` of the Worker after the second checkpoint upload: it exits 137, the Master's
     collective breaks (it exits 138), the supervisor restarts both, and they resume from the
@@ -343,15 +358,15 @@ def test_a_killed_worker_is_restarted_and_training_resumes_with_the_same_losses(
                 return
             time.sleep(0.3)
 
-    caplog.set_level(logging.WARNING, logger=containers.__name__)
     killer = threading.Thread(target=kill_after_second_upload, daemon=True)
     killer.start()
-    _, wall_s, log_text = train_in_containers(cfg, s3_training, run_id)
+    with supervisor_messages() as messages:
+        _, wall_s, log_text = train_in_containers(cfg, s3_training, run_id)
     killer.join(timeout=5)
     assert leftovers(docker_client, job) == []
     assert killed and killed["after_upload_of"] < MAX_UPDATE, "the Worker was killed mid-training"
 
-    restarts = [r.getMessage() for r in caplog.records if "restarting it" in r.getMessage()]
+    restarts = [message for message in messages if "restarting it" in message]
     assert restarts[0].startswith(f"{job}-worker-0 exited with 137 (retryable)"), restarts
     assert any(m.startswith(f"{job}-master-0 exited with {EXIT_TRANSIENT} (retryable)") for m in restarts), \
         f"the surviving rank exits retryable, so an operator restarts it: {restarts}"
@@ -383,7 +398,7 @@ def test_a_bad_argument_fails_fast_in_one_line_with_no_container_left(docker_cli
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_training["endpoint"])  # what the replicas are given
 
-    cfg = config.load(TINY_CONFIG, [*FAST_TRAINING, "train.local_replicas=containers", "train.nnodes=2"])
+    cfg = config.load(TINY_CONFIG, [*FAST_TRAINING, "train.max_update=2", "train.local_replicas=containers", "train.nnodes=2"])
     absent = f"s3://{s3_training['bucket']}/absent/run-config.json"
     job = job_name()
     started = time.monotonic()
