@@ -66,7 +66,9 @@ def data_problems(cfg: RunConfig, data_bin: str) -> list[str]:
     return problems
 
 
-def environment_problems(cfg: RunConfig, data_bin: str, checkpoint_uri: str, tracking_uri: str | None = None) -> list[str]:
+def environment_problems(
+    cfg: RunConfig, data_bin: str, checkpoint_uri: str, tracking_uri: str | None = None,
+) -> list[str]:
     """What the launcher's target lacks: GPUs for the precision locally; a Docker engine, the trainer image
     and locations the replica containers reach; reachable locations and credentials on a cluster.
     `tracking_uri` is where the workers log metrics (None: they log none)."""

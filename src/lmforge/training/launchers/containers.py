@@ -342,7 +342,8 @@ def run_job(image: str, job: str, command: list[str], envs: Sequence[dict[str, s
 
     client = docker.from_env()
     try:
-        supervisor = Supervisor(client, image, job, list(command), backoff_limit, out=out or sys.stderr, grace_s=grace_s)
+        supervisor = Supervisor(client, image, job, list(command), backoff_limit, out=out or sys.stderr,
+                                grace_s=grace_s)
         return supervisor.run(envs)
     finally:
         client.close()
