@@ -276,6 +276,10 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
+# A real `mlflow server` (PostgreSQL store, artifacts in moto S3) for the modules that ask for one.
+from mlflow_server import mlflow_server, postgres_uri  # noqa: E402,F401
+
+
 # --------------------------------------------------------------------------------------------
 # Training-worker fixtures (tests/training/: test_worker.py, test_checkpoints.py, test_train.py): a data-bin
 # whose validation split is small, so that runs which validate at every save stay quick.

@@ -28,9 +28,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmforge.config",),
     # the task interface, the one caller of fairseq, and the data stages
     ("lmforge.tasks.base", "lmforge.fairseq_api", "lmforge.data"),
-    # training (the PyTorchJob launcher's Kubernetes API handling, k8s_api, included), the model's
-    # life after training, and the tasks' implementations
-    ("lmforge.training", "lmforge.training.launchers.k8s_api", "lmforge.models", "lmforge.tasks.language_modeling"),
+    # training (the launchers among it: local processes, the emulated PyTorchJob's containers, the
+    # PyTorchJob and its Kubernetes API handling), the model's life after training, and the tasks'
+    # implementations
+    ("lmforge.training", "lmforge.training.launchers.containers", "lmforge.training.launchers.k8s_api",
+     "lmforge.models", "lmforge.tasks.language_modeling"),
     ("lmforge.steps",),
     ("lmforge.pipeline",),
     # entry points: the CLI and the compatibility modules of earlier releases

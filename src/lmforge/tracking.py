@@ -48,6 +48,12 @@ def resolve_tracking_uri(configured: str, storage_root: str | Path) -> str:
     return configured or default_tracking_uri(storage_root)
 
 
+def is_local_store(tracking_uri: str) -> bool:
+    """Whether the tracking store is a file on this machine (a SQLite database, an mlruns folder),
+    which a pod or container sharing no disk with it cannot reach."""
+    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+
+
 def sqlite_file(tracking_uri: str) -> Path | None:
     """The database file a sqlite:// tracking URI names (relative to the current directory, as
     SQLAlchemy reads sqlite:///x.db); None for other URIs and for an in-memory database."""

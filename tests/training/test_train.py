@@ -49,6 +49,21 @@ def test_rerun_resumes_from_last_checkpoint(trained_checkpoints, small_data_bin,
     assert "@ 12 updates)" in output and "Loaded checkpoint" in output
 
 
+def test_two_processes_resume_together(trained_checkpoints, small_data_bin, tmp_path, capfd):
+    """Rank 0 reads the checkpoint and fairseq sends its state to rank 1 (broadcast_object: torch.save,
+    then torch.load, which refuses fairseq's omegaconf config under torch's weights_only default)."""
+    save_dir, _ = trained_checkpoints
+    resumed_dir = tmp_path / "checkpoints"
+    shutil.copytree(save_dir, resumed_dir)
+    cfg = config.load(TINY_CONFIG, ["train.max_update=14", "train.max_epoch=0", "train.nproc=2",
+                                    f"train.cache_dir={tmp_path / 'cache'}", "train.extra_args.disable_validation=true"])
+    capfd.readouterr()
+    summary = train(cfg, small_data_bin, resumed_dir)
+    output = "".join(capfd.readouterr())
+    assert summary["num_updates"] == 14
+    assert "@ 12 updates)" in output and "Weights only load failed" not in output
+
+
 def test_missing_dictionary_is_a_user_error(tmp_path):
     cfg = config.load(TINY_CONFIG)
     with pytest.raises(LmforgeError, match="dict.txt"):

@@ -153,7 +153,11 @@ class ModelConfig:
 class PyTorchJobConfig:
     """The Kubeflow Training Operator PyTorchJob that runs training on a cluster (train.launcher=pytorchjob)."""
 
-    image: str = doc("Trainer image of every replica (the CUDA image of docker/).", TRAINER_IMAGE)
+    image: str = doc(
+        "Trainer image of every replica (the CUDA image of docker/); also of the local replica containers "
+        "(train.local_replicas: containers; its CPU variant there).",
+        TRAINER_IMAGE,
+    )
     gpus_per_node: int | None = doc(
         "nvidia.com/gpu per pod; null: one per process (train.nproc); 0: CPU pods (gloo).", None
     )
@@ -166,7 +170,11 @@ class PyTorchJobConfig:
         "Pod tolerations (Kubernetes form).",
         factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     )
-    backoff_limit: int = doc("Job restarts (after retryable exits) before the job fails (runPolicy.backoffLimit).", 3)
+    backoff_limit: int = doc(
+        "Job restarts (after retryable exits) before the job fails (runPolicy.backoffLimit); also the "
+        "restarts of the local replica containers, counted over the whole job.",
+        3,
+    )
     active_deadline_seconds: int = doc("The job fails after this many seconds (runPolicy.activeDeadlineSeconds).", 172800)
     ttl_seconds_after_finished: int = doc("A finished job is deleted after this many seconds.", 86400)
     clean_pod_policy: str = doc("Pods killed when the job ends: Running, All or None.", "Running")
@@ -187,8 +195,17 @@ class TrainConfig:
     )
     nnodes: int = doc(
         "Nodes (PyTorchJob replicas: 1 Master + nnodes-1 Workers). With the local launcher, nnodes > 1 "
-        "emulates them as local processes given the operator's environment.",
+        "emulates them (see local_replicas), each given the operator's environment.",
         1,
+    )
+    local_replicas: str = doc(
+        "How the local launcher runs an emulated PyTorchJob's replicas: 'processes' (local processes, each with "
+        "its own cache on this machine's disk) or 'containers' (containers of train.pytorchjob.image on the "
+        "Docker engine of DOCKER_HOST, host networking, no volumes, restarted on exit codes 128-255 up to "
+        "train.pytorchjob.backoff_limit as restartPolicy ExitCode does; even nnodes = 1 is then a one-Master "
+        "job). Containers share no disk with this machine: the data-bin and checkpoints must be s3:// and "
+        "the tracking URI a server's.",
+        "processes",
     )
     nproc: int = doc("Training processes per node (torchrun --nproc-per-node); GPUs where present, else CPU/gloo.", 2)
     max_epoch: int = doc("Stop after this many epochs (0: no limit).", 5)

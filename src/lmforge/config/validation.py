@@ -123,6 +123,7 @@ def validate_checks(c: CorpusChecksConfig) -> list[str]:
     return p
 
 
+LOCAL_REPLICAS = ("processes", "containers")
 PRECISIONS = ("fp32", "fp16", "memory_efficient_fp16", "bf16", "memory_efficient_bf16")
 # fairseq-train options the worker sets from the placement or from a typed field; passing them in
 # train.extra_args would contradict what the worker computes.
@@ -144,6 +145,11 @@ def validate_training(cfg: RunConfig) -> list[str]:
     t, m = cfg.train, cfg.model
     if t.launcher not in ("auto", "local", "pytorchjob"):
         p.append(f"train.launcher: {t.launcher!r} is not supported (use 'auto', 'local' or 'pytorchjob')")
+    if t.local_replicas not in LOCAL_REPLICAS:
+        p.append(f"train.local_replicas: {t.local_replicas!r} is not supported (use {' or '.join(LOCAL_REPLICAS)})")
+    containers = t.local_replicas == "containers" and t.launcher != "pytorchjob"
+    if containers and t.precision != "fp32":
+        p.append(f"train.local_replicas: containers get no GPU; use train.precision fp32, not {t.precision}")
     for name in ("nnodes", "nproc", "tokens_per_sample", "max_tokens", "update_freq", "log_interval"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}: {getattr(t, name)} must be >= 1")
@@ -185,8 +191,10 @@ def validate_training(cfg: RunConfig) -> list[str]:
     if t.bmuf and not distributed:
         p.append("train.bmuf: BMUF synchronizes replicas; it needs nnodes x nproc > 1")
     j = t.pytorchjob
+    if containers and not j.image:
+        p.append("train.pytorchjob.image: empty; name the trainer image the replica containers run")
     if t.launcher != "local":
-        if not j.image:
+        if not j.image and not containers:
             p.append("train.pytorchjob.image: empty; name the trainer image")
         if j.gpus_per_node is not None and j.gpus_per_node not in (0, t.nproc):
             p.append(

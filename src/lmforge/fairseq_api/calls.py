@@ -112,19 +112,21 @@ def train(
 def _training_hooks(
     on_checkpoint: Callable[[Any], None] | None, stop_requested: Callable[[], bool] | None
 ) -> Iterator[None]:
-    """Wrap fairseq's save_checkpoint and validate_and_save for the duration of one training run.
+    """Wrap fairseq's save_checkpoint and validate_and_save for the duration of one training run,
+    and its broadcast of a resumed state to the other ranks (see `broadcast_object_slow`).
 
-    fairseq offers no callback for either. fairseq_cli.train looks both up as module attributes
+    fairseq offers no callback for either. fairseq looks all three up as module attributes
     at every call, so replacing the attributes is enough. The save wrapper is a new function per
     run, so fairseq's best-loss memory (an attribute of save_checkpoint) starts fresh each run
     instead of leaking from an earlier run in the same process.
     """
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
     from fairseq_cli import train as fairseq_train
-
 
     original_save = checkpoint_utils.save_checkpoint
     original_validate_and_save = fairseq_train.validate_and_save
+    original_broadcast = distributed_utils._broadcast_object_slow
 
     def save_checkpoint(cfg: Any, trainer: Any, epoch_itr: Any, val_loss: Any) -> Any:
         result = original_save(cfg, trainer, epoch_itr, val_loss)
@@ -144,13 +146,44 @@ def _training_hooks(
             return [None], True
         return original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch)
 
+    def broadcast_object_slow(*args: Any, **kwargs: Any) -> Any:
+        # A resume with more than one process: rank 0 reads the checkpoint and fairseq sends its
+        # state (with the omegaconf config) to the other ranks through torch.save and torch.load.
+        # Since torch 2.6 that torch.load defaults to weights_only=True and refuses the config, so
+        # every rank but 0 failed. The bytes are rank 0's, of this job: load them as fairseq meant to.
+        with _full_unpickling():
+            return original_broadcast(*args, **kwargs)
+
     checkpoint_utils.save_checkpoint = save_checkpoint
     fairseq_train.validate_and_save = validate_and_save
+    distributed_utils._broadcast_object_slow = broadcast_object_slow
     try:
         yield
     finally:
         checkpoint_utils.save_checkpoint = original_save
         fairseq_train.validate_and_save = original_validate_and_save
+        distributed_utils._broadcast_object_slow = original_broadcast
+
+
+@contextlib.contextmanager
+def _full_unpickling() -> Iterator[None]:
+    """torch.load calls that pass no weights_only load with weights_only=False meanwhile (torch's
+    own switch, read at every call); fairseq's calls pass none."""
+    import os
+    import warnings
+
+    name = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=f"Environment variable {name} detected")
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def dry_run(argv: list[str], *, world_size: int, update_freq: int) -> dict[str, Any]:

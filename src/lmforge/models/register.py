@@ -139,16 +139,17 @@ def register_model(
             f"checkpoint without its dictionary: {dict_path} does not exist; "
             "pass --data-bin with the dict.txt the model was trained with"
         )
-    # What fairseq could not read, named before it is packaged (lmforge.data.integrity)
-    unreadable = integrity.model_problems(checkpoint, dict_path)
-    if unreadable:
-        raise LmforgeError("cannot register: " + "; ".join(unreadable))
     data_bin = _local_path(data_bin) if data_bin is not None else dict_path.parent
     if not model_name or not model_name.strip():
         raise LmforgeError("model name is empty; set registry.model_name")
     problems = alias_problems(alias, challenger_alias, ("alias", "challenger alias"))
     if problems:
         raise LmforgeError("; ".join(problems))
+    # What fairseq could not read, named before it is packaged (lmforge.data.integrity); after
+    # the settings, which cost nothing to check.
+    unreadable = integrity.model_problems(checkpoint, dict_path)
+    if unreadable:
+        raise LmforgeError("cannot register: " + "; ".join(unreadable))
 
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lmforge import fairseq_api
+from lmforge import fairseq_api, tracking
 from lmforge.config import RunConfig
 from lmforge.data import integrity
 from lmforge.errors import LmforgeError
@@ -75,10 +75,19 @@ def data_problems(cfg: RunConfig, data_bin: str) -> list[str]:
     return problems
 
 
-def environment_problems(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> list[str]:
-    """What the launcher's target lacks: GPUs for the precision locally; reachable locations and credentials on a cluster."""
+def environment_problems(
+    cfg: RunConfig, data_bin: str, checkpoint_uri: str, tracking_uri: str | None = None,
+) -> list[str]:
+    """What the launcher's target lacks: GPUs for the precision locally; a Docker engine, the trainer image
+    and locations the replica containers reach; reachable locations and credentials on a cluster.
+    `tracking_uri` is where the workers log metrics (None: they log none)."""
     t, problems = cfg.train, []
-    if t.launcher == "local":
+    if t.launcher == "local" and t.local_replicas == "containers":
+        from lmforge.training.launchers import containers
+
+        problems += containers.sharing_problems(data_bin, checkpoint_uri, tracking_uri)
+        problems += containers.engine_problems(t.pytorchjob.image)
+    elif t.launcher == "local":
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -106,11 +115,11 @@ def environment_problems(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> 
     return problems
 
 
-def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str) -> None:
+def preflight(cfg: RunConfig, data_bin: str, checkpoint_uri: str, *, tracking_uri: str | None = None) -> None:
     """Raise one error naming every problem found before launch."""
     cfg = cfg.resolve_launcher(os.environ)
     problems = data_problems(cfg, data_bin)
-    problems += environment_problems(cfg, data_bin, checkpoint_uri)
+    problems += environment_problems(cfg, data_bin, checkpoint_uri, tracking_uri)
     if problems:
         raise LmforgeError("cannot train: " + "; ".join(problems))
     # fairseq's own parser on the options as a worker will pass them (extra_args included)
@@ -139,25 +148,25 @@ def train(
     """Train to the end of the config's schedule (resuming what the checkpoint location holds); the summary."""
     cfg = cfg.resolve_launcher(os.environ)
     data_bin, checkpoint_uri = _absolute(data_bin), _absolute(checkpoint_uri)
-    preflight(cfg, data_bin, checkpoint_uri)
+    preflight(cfg, data_bin, checkpoint_uri, tracking_uri=tracking_uri if mlflow_run_id else None)
     resumable = checkpoints.read_manifest(checkpoint_uri)["checkpoints"]
     if resumable:
         log.info("resuming: %s holds %s", checkpoint_uri, ", ".join(sorted(resumable)))
     config_uri = write_config(cfg, checkpoint_uri)
-    if cfg.train.launcher == "pytorchjob":
-        from lmforge.training.launchers import pytorchjob
+    from lmforge.training.launchers import pytorchjob
 
-        if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
+    run = pipeline_run_id or checkpoint_uri  # the job's name: the same for every attempt of the step
+    if cfg.train.launcher == "pytorchjob":
+        if tracking.is_local_store(tracking_uri):
             # a file on this pod's disk: the training pods log to MLFLOW_TRACKING_URI of cluster.mlflow_secret
             tracking_uri = ""
         args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
-        run = pipeline_run_id or checkpoint_uri
         pytorchjob.launch(cfg, args, job_name=pytorchjob.job_name(run), run=run)
     else:
         from lmforge.training.launchers import local
 
         args = worker_args(config_uri, data_bin, checkpoint_uri, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
-        local.launch(cfg, args, cache_dir=cache_dir(cfg))
+        local.launch(cfg, args, cache_dir=cache_dir(cfg), job_name=pytorchjob.job_name(run))
     return checkpoints.summary(checkpoint_uri)
 
 

@@ -44,6 +44,12 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 CACHE_ENV = "LMFORGE_CACHE_DIR"
 
 
+def retryable(exit_code: int) -> bool:
+    """Whether `restartPolicy: ExitCode` restarts a pod that exited so: 128-255 (signals and the
+    codes above), while 1-127 fail the job (the Training Operator's IsRetryableExitCode)."""
+    return 128 <= exit_code <= 255
+
+
 class TransientError(LmforgeError):
     """A failure a restart may not meet again (storage, network, a peer process that died)."""
 
@@ -282,7 +288,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return exit_code_for(exc)
     except Exception as exc:
         code = exit_code_for(exc)
-        log.exception("training failed (%s, exit %d)", "transient" if code >= 128 else "permanent", code)
+        log.exception("training failed (%s, exit %d)", "transient" if retryable(code) else "permanent", code)
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -9,7 +9,9 @@ name. Two shapes:
 - nnodes > 1: an emulated PyTorchJob. One `lmforge worker` per node, each given exactly the
   variables the Training Operator injects into a replica (`distributed.operator_env`: pod index
   as RANK, WORLD_SIZE = replicas x nprocPerNode, PET_*), and its own cache directory as its
-  "node disk", so the multi-node contract runs on one machine.
+  "node disk", so the multi-node contract runs on one machine;
+- train.local_replicas: containers (any nnodes): the replicas are containers of the trainer
+  image sharing no disk, restarted as restartPolicy ExitCode would (`containers`).
 
 `run_local_processes` is the node agent both shapes and the worker of an operator pod with
 nprocPerNode > 1 use: start the processes, pass signals on, combine their exit statuses.
@@ -59,10 +61,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: RunConfig, worker_args: list[str], *, cache_dir: Path) -> None:
-    """Run the workers to completion; raise LmforgeError with their status when they fail."""
+def launch(cfg: RunConfig, worker_args: list[str], *, cache_dir: Path, job_name: str = "lmforge-local") -> None:
+    """Run the workers to completion; raise LmforgeError with their status when they fail.
+    `job_name` names an emulated PyTorchJob's containers (train.local_replicas: containers)."""
     t = cfg.train
     base = without_launcher_variables(os.environ)
+    if t.local_replicas == "containers":
+        from lmforge.training.launchers import containers
+
+        port = free_port()  # on this host: the containers share its network
+        envs = [containers.replica_env(base, operator_env(t.nnodes, t.nproc, node, port)) for node in range(t.nnodes)]
+        what = f"the emulated PyTorchJob {job_name} ({t.nnodes} replica container(s) x {t.nproc} process(es))"
+        log.info("starting %s of %s: lmforge worker %s", what, t.pytorchjob.image, " ".join(worker_args))
+        outcome = containers.run_job(t.pytorchjob.image, job_name, worker_args, envs,
+                                     backoff_limit=t.pytorchjob.backoff_limit)
+        if outcome.status != 0:
+            raise LmforgeError(f"training failed: {what}: {outcome.reason}")
+        return
     if t.nnodes == 1:
         command = torchrun_command(t.nproc, worker_args)
         envs = [{**base, CACHE_ENV: str(cache_dir)}]
