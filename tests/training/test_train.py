@@ -34,34 +34,24 @@ def test_two_processes_trained_together(trained_checkpoints):
     assert state["cfg"]["distributed_training"]["distributed_world_size"] == 2
 
 
-def test_rerun_resumes_from_last_checkpoint(trained_checkpoints, small_data_bin, tmp_path, capfd):
+@pytest.mark.parametrize(("nproc", "max_update"), [(1, 16), (2, 14)], ids=["one-process", "two-processes"])
+def test_rerun_resumes_from_last_checkpoint(nproc, max_update, trained_checkpoints, small_data_bin, tmp_path, capfd):
+    """With two processes rank 0 reads the checkpoint and fairseq sends its state to rank 1
+    (broadcast_object: torch.save, then torch.load, which refuses fairseq's omegaconf config under
+    torch's weights_only default)."""
     save_dir, _ = trained_checkpoints
     resumed_dir = tmp_path / "checkpoints"
     shutil.copytree(save_dir, resumed_dir)
     # no validation (120k tokens here): checkpoint_best.pt stays the one recorded by the first run
-    cfg = config.load(TINY_CONFIG, ["train.max_update=16", "train.max_epoch=0", "train.nproc=1",
+    cfg = config.load(TINY_CONFIG, [f"train.max_update={max_update}", "train.max_epoch=0", f"train.nproc={nproc}",
                                     f"train.cache_dir={tmp_path / 'cache'}", "train.extra_args.disable_validation=true"])
     capfd.readouterr()
     summary = train(cfg, small_data_bin, resumed_dir)
     output = "".join(capfd.readouterr())  # the worker processes' own log lines
-    assert summary["num_updates"] == 16
+    assert summary["num_updates"] == max_update
     # fairseq says where it restarted from; a fresh start would say it found no checkpoint
     assert "@ 12 updates)" in output and "Loaded checkpoint" in output
-
-
-def test_two_processes_resume_together(trained_checkpoints, small_data_bin, tmp_path, capfd):
-    """Rank 0 reads the checkpoint and fairseq sends its state to rank 1 (broadcast_object: torch.save,
-    then torch.load, which refuses fairseq's omegaconf config under torch's weights_only default)."""
-    save_dir, _ = trained_checkpoints
-    resumed_dir = tmp_path / "checkpoints"
-    shutil.copytree(save_dir, resumed_dir)
-    cfg = config.load(TINY_CONFIG, ["train.max_update=14", "train.max_epoch=0", "train.nproc=2",
-                                    f"train.cache_dir={tmp_path / 'cache'}", "train.extra_args.disable_validation=true"])
-    capfd.readouterr()
-    summary = train(cfg, small_data_bin, resumed_dir)
-    output = "".join(capfd.readouterr())
-    assert summary["num_updates"] == 14
-    assert "@ 12 updates)" in output and "Weights only load failed" not in output
+    assert "Weights only load failed" not in output
 
 
 def test_missing_dictionary_is_a_user_error(tmp_path):
