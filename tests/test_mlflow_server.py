@@ -9,6 +9,7 @@ on 127.0.0.1 (`moto_s3` in conftest). The model is the session's tiny fairseq LM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,37 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, tracking_uri: str, workdir: Path) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1, with this venv (--env-manager local),
+    one worker, its log in `workdir`; its base URL once /ping answers. Stopped afterwards."""
+    port, log = free_port(), workdir / "serve.log"
+    # As from an activated venv: the scoring server execs `uvicorn` from PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [VENV_BIN / "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir,
+        )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", proc, log, timeout=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def post_invocations(url: str, payload: dict) -> tuple[int, str]:
+    """POST `payload` as JSON to the model server's /invocations: (status, body), errors included."""
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 @pytest.fixture(scope="module")
@@ -187,25 +220,12 @@ def test_two_registrations_racing_end_with_distinct_versions_and_one_champion(se
 
 
 def test_mlflow_models_serve_answers_invocations(server, registered, tiny_hub, tmp_path):
-    port, log = free_port(), tmp_path / "serve.log"
-    # As from an activated venv: the scoring server execs `uvicorn` from PATH.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [VENV_BIN / "mlflow", "models", "serve", "-m", "models:/served-lm@champion", "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
-        )
-    try:
-        wait_for(f"http://127.0.0.1:{port}/ping", proc, log, timeout=180)
+    with model_server("models:/served-lm@champion", server.url, tmp_path) as url:
 
         def invoke(payload: dict) -> list[dict]:
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read())["predictions"]
+            status, body = post_invocations(url, payload)
+            assert status == 200, body
+            return json.loads(body)["predictions"]
 
         row = invoke({"inputs": [TEXT]})[0]
         expected = hub_expected_row(tiny_hub, TEXT)
@@ -215,5 +235,3 @@ def test_mlflow_models_serve_answers_invocations(server, registered, tiny_hub, t
                           "params": {"continuation_tokens": 3, "seed": 1}})[0]
         assert sampled["log_prob"] == pytest.approx(row["log_prob"], abs=1e-6)
         assert 1 <= len(sampled["continuation"].split()) <= 3
-    finally:
-        stop(proc)
