@@ -76,13 +76,19 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TINY_CONFIG = REPO / "pipelines" / "configs" / "tiny.yaml"
 
 
+def lmforge_run_command(corpus: Path, root: Path, *overrides: str, runner: str = "subprocess") -> list[str]:
+    """The `lmforge run` command line of the tiny config on `corpus` into `root`, `--set` each override."""
+    return [sys.executable, "-m", "lmforge.cli", "run", "--config", str(TINY_CONFIG), "--corpus", str(corpus),
+            "--set", f"storage.root={root}", *(x for o in overrides for x in ("--set", o)), "--runner", runner]
+
+
 def lmforge_run(cwd: Path, corpus: Path, root: Path, *overrides: str, runner: str = "subprocess",
-                timeout: int = 900) -> dict[str, str]:
-    """`lmforge run` of the tiny config on `corpus` into `root`, in a subprocess as a user runs it; the
-    summary it prints (test perplexity, outputs, MLflow, model), or a test failure with its log's tail."""
-    command = [sys.executable, "-m", "lmforge.cli", "run", "--config", str(TINY_CONFIG), "--corpus", str(corpus),
-               "--set", f"storage.root={root}", *(x for o in overrides for x in ("--set", o)), "--runner", runner]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+                timeout: int = 900, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`lmforge run` of the tiny config on `corpus` into `root`, in a subprocess as a user runs it (in `env`,
+    default this process's); the summary it prints (test perplexity, outputs, MLflow, model), or a test
+    failure with its log's tail."""
+    command = lmforge_run_command(corpus, root, *overrides, runner=runner)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
     return {k.strip(): v.strip() for k, v in summary.items()}

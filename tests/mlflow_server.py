@@ -12,6 +12,8 @@ And the helpers tests use for the processes they start themselves: `free_port`, 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import signal
@@ -21,10 +23,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# This venv's bin (mlflow, uvicorn): the scoring server execs `uvicorn` from PATH.
+VENV_BIN = Path(sys.executable).parent
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 
@@ -107,3 +113,34 @@ def mlflow_server(postgres_uri, moto_s3, tmp_path_factory):
         yield Server(f"http://127.0.0.1:{port}", moto_s3, bucket)
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, tracking_uri: str, workdir: Path) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1, with this venv (--env-manager local),
+    one worker, its log in `workdir`; its base URL once /ping answers. Stopped afterwards."""
+    port, log = free_port(), workdir / "serve.log"
+    # As from an activated venv: the scoring server execs `uvicorn` from PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [VENV_BIN / "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir,
+        )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", proc, log, timeout=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def post_invocations(url: str, payload: dict) -> tuple[int, str]:
+    """POST `payload` as JSON to the model server's /invocations: (status, body), errors included."""
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()

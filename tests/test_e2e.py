@@ -1,6 +1,8 @@
 """`lmforge run` end to end on this machine: KFP's local runner, torchrun with 2 CPU
 processes, MLflow on SQLite, and the registered model loaded back from the registry."""
 
+import os
+
 import pytest
 from mlflow import MlflowClient
 
@@ -12,10 +14,21 @@ HELD_OUT = "the album was released in the united states on 12 may 2009 ."
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
+    """The run, with a fresh TMPDIR beside `root` (system-tmp): the system temporary directory it sees."""
     tmp = tmp_path_factory.mktemp("e2e")
     corpus = write_corpus(tmp / "corpus", train_lines=1500)
     root = tmp / "runs"
-    return root, lmforge_run(tmp, corpus, root, "train.max_epoch=2")
+    (tmp / "system-tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp / "system-tmp")}
+    return root, lmforge_run(tmp, corpus, root, "train.max_epoch=2", env=env)
+
+
+def test_a_run_leaves_nothing_in_the_system_temp_dir(finished_run):
+    """KFP's local runner made a tmp.* folder (ephemeral_component.py) there for every task, and torchrun
+    and multiprocessing theirs (issue 16): the steps' TMPDIR is now the run's scratch, removed at its end."""
+    root, _ = finished_run
+    assert sorted(p.name for p in (root.parent / "system-tmp").iterdir()) == []
+    assert not list((root / "kfp-local").glob("run-*"))
 
 
 def test_run_prints_perplexity_outputs_and_model_uri(finished_run):
@@ -39,6 +52,7 @@ def test_one_mlflow_run_with_training_curves_and_falling_valid_loss(finished_run
     assert len(runs) == 1, "every step must log into the one run of the pipeline run"
     run = runs[0]
     assert run.info.run_id in summary["MLflow"]
+    assert run.info.status == "FINISHED" and not {"lmforge.failed_step", "lmforge.error"} & set(run.data.tags)
     for metric in ("train_loss", "lr", "train_wps", "valid_ppl", "eval_test_perplexity", "vocab_size"):
         assert metric in run.data.metrics, metric
     valid = client.get_metric_history(run.info.run_id, "valid_loss")

@@ -395,7 +395,7 @@ def mlflow_server(tmp_path, empty_mlflow_db):
     import subprocess
 
     from conftest import VENV_BIN
-    from test_mlflow_server import free_port, stop, wait_for
+    from mlflow_server import free_port, stop, wait_for
 
     shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
     port, log = free_port(), tmp_path / "mlflow-server.log"
@@ -432,7 +432,7 @@ def test_the_model_servers_command_answers_invocations_in_a_steps_container(
 
     from lmforge import tracking
     from lmforge.models.register import register_model
-    from test_mlflow_server import free_port
+    from mlflow_server import free_port
 
     container_spec = serving_container()
     name, alias = serving_options(container_spec["command"])["--model-uri"].removeprefix("models:/").split("@")

@@ -21,7 +21,7 @@ SRC = REPO / "src"
 
 #: Bottom to top. A module may import its own layer and the ones before it.
 LAYERS: list[tuple[str, ...]] = [
-    ("lmforge", "lmforge.errors", "lmforge.logs", "lmforge.images"),
+    ("lmforge", "lmforge.errors", "lmforge.interrupts", "lmforge.logs", "lmforge.images"),
     # contracts and tables: leaf modules every layer may read
     ("lmforge.training.distributed", "lmforge.data.catalog", "lmforge.tasks"),
     ("lmforge.io", "lmforge.tracking"),

@@ -13,12 +13,11 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 
-from conftest import TINY_CONFIG, VENV_BIN, hub_expected_row, nudged_checkpoint
-from mlflow_server import free_port, stop, wait_for
+from conftest import TINY_CONFIG, hub_expected_row, nudged_checkpoint
+from mlflow_server import model_server, post_invocations
 
 TEXT = "the cat sat on the mat"
 IDENTITY = {"scorer": "fairseq-eval-lm", "split": "test", "split_sha256": "d" * 64, "dict_sha256": "b" * 64,
@@ -103,25 +102,12 @@ def test_two_registrations_racing_end_with_distinct_versions_and_one_champion(ml
 
 
 def test_mlflow_models_serve_answers_invocations(mlflow_server, registered, tiny_hub, tmp_path):
-    port, log = free_port(), tmp_path / "serve.log"
-    # As from an activated venv: the scoring server execs `uvicorn` from PATH.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [VENV_BIN / "mlflow", "models", "serve", "-m", "models:/served-lm@champion", "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
-        )
-    try:
-        wait_for(f"http://127.0.0.1:{port}/ping", proc, log, timeout=180)
+    with model_server("models:/served-lm@champion", mlflow_server.url, tmp_path) as url:
 
         def invoke(payload: dict) -> list[dict]:
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read())["predictions"]
+            status, body = post_invocations(url, payload)
+            assert status == 200, body
+            return json.loads(body)["predictions"]
 
         row = invoke({"inputs": [TEXT]})[0]
         expected = hub_expected_row(tiny_hub, TEXT)
@@ -131,5 +117,3 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, registered, tiny
                           "params": {"continuation_tokens": 3, "seed": 1}})[0]
         assert sampled["log_prob"] == pytest.approx(row["log_prob"], abs=1e-6)
         assert 1 <= len(sampled["continuation"].split()) <= 3
-    finally:
-        stop(proc)

@@ -1,10 +1,12 @@
 """lmforge.tracking: the pipeline's one MLflow run, fairseq's metrics, and the state a step leaves
-the run in (RUNNING after a step, FINISHED after the last, FAILED and tagged after a failing one)."""
+the run in (RUNNING after a step, FINISHED after the last, FAILED or KILLED and tagged with the step
+and the error line after a failing or stopped one), and what `lmforge run` records where no step could."""
 
 import json
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import mlflow
@@ -13,6 +15,8 @@ from mlflow import MlflowClient
 from mlflow.tracking._tracking_service import utils
 
 from lmforge import tracking
+from lmforge.errors import LmforgeError
+from lmforge.interrupts import Interrupted
 from lmforge.tracking import FairseqMetricsHandler
 
 
@@ -94,6 +98,10 @@ def status(client, run_id):
     return run.info.status, run.data.tags.get(tracking.FAILED_STEP_TAG)
 
 
+def error(client, run_id):
+    return client.get_run(run_id).data.tags.get(tracking.ERROR_TAG)
+
+
 def test_a_step_logs_into_the_run_and_leaves_it_running(store):
     uri, run_id, client, caller = store
     for step in ("train", "evaluate"):
@@ -119,13 +127,55 @@ def test_a_failing_step_marks_the_run_failed_and_names_the_step(store):
     uri, run_id, client, caller = store
     with pytest.raises(RuntimeError, match="boom"):
         with tracking.step_run(uri, run_id, "evaluate"):
-            raise RuntimeError("boom")
+            raise RuntimeError("boom\nsecond line")
     assert status(client, run_id) == ("FAILED", "evaluate")
+    assert error(client, run_id) == "RuntimeError: boom"  # a bug: its type and first line (the log has the rest)
     assert_caller_state_kept(caller)
     # A retry of the step that succeeds: the run is running again and no longer names a failed step.
     with tracking.step_run(uri, run_id, "evaluate"):
         pass
-    assert status(client, run_id) == ("RUNNING", None)
+    assert status(client, run_id) == ("RUNNING", None) and error(client, run_id) is None
+
+
+def test_a_user_error_is_the_runs_error_line(store):
+    uri, run_id, client, caller = store
+    with pytest.raises(LmforgeError):
+        with tracking.step_run(uri, run_id, "train"):
+            raise LmforgeError("train.txt: 120 tokens, fewer than 1 sample of train.tokens_per_sample=128")
+    assert status(client, run_id) == ("FAILED", "train")
+    assert error(client, run_id) == "train.txt: 120 tokens, fewer than 1 sample of train.tokens_per_sample=128"
+
+
+@pytest.mark.parametrize("stop,line", [(Interrupted(signal.SIGTERM), "stopped by SIGTERM"),
+                                       (KeyboardInterrupt(), "stopped by SIGINT")], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_step_ends_the_run_killed(store, stop, line):
+    uri, run_id, client, caller = store
+    with pytest.raises(type(stop)):
+        with tracking.step_run(uri, run_id, "train"):
+            raise stop
+    assert status(client, run_id) == ("KILLED", "train") and error(client, run_id) == line
+    assert_caller_state_kept(caller)
+
+
+def test_what_no_step_could_record_is_recorded_once_for_a_running_run_only(store):
+    """end_unfinished_run: `lmforge run` ends a run its (killed) step left RUNNING; a run a step has
+    ended keeps the step's status and tags."""
+    uri, run_id, client, caller = store
+    assert tracking.end_unfinished_run(uri, run_id, status="FAILED", step="train", error="the step was killed")
+    assert status(client, run_id) == ("FAILED", "train") and error(client, run_id) == "the step was killed"
+    assert not tracking.end_unfinished_run(uri, run_id, status="KILLED", step="lmforge run", error="stopped")
+    assert status(client, run_id) == ("FAILED", "train") and error(client, run_id) == "the step was killed"
+
+
+def test_a_pipeline_that_failed_before_its_mlflow_run_gets_one_ended_with_the_failure(store, tmp_path):
+    uri, _, client, _ = store
+    run_id = tracking.record_failed_pipeline(uri, "exp", run_name="tiny-failed", storage_root=tmp_path,
+                                             status="FAILED", step="dictionary", error="x" * 600)
+    run = client.get_run(run_id)
+    assert (run.info.status, run.info.run_name) == ("FAILED", "tiny-failed") and run.info.end_time
+    assert client.get_experiment(run.info.experiment_id).name == "exp"
+    assert run.data.tags[tracking.FAILED_STEP_TAG] == "dictionary"
+    assert run.data.tags[tracking.ERROR_TAG] == "x" * tracking.ERROR_CHARS  # cut where MLflow stores it
 
 
 def test_a_failing_last_step_is_failed_not_finished(store):
@@ -179,6 +229,7 @@ def test_failing_pipeline_steps_leave_the_run_failed(tmp_path, empty_mlflow_db, 
         steps.evaluate(cfg.to_json(), "run-1", str(tmp_path / "data-bin"), str(tmp_path / "nope.pt"))
     run_id = steps._mlflow_run(cfg, "run-1")
     assert status(client, run_id) == ("FAILED", "evaluate")
+    assert "nope.pt" in error(client, run_id)
     with pytest.raises(SystemExit):
         steps.register(cfg.to_json(), "run-1", str(tmp_path / "data-bin"), str(tmp_path / "nope.pt"), "a" * 64,
                        "b" * 64, json.dumps({"perplexity": 1.0, "identity": {}, "split": "test"}))

@@ -32,6 +32,7 @@ from lmforge import __version__
 from lmforge import config as config_mod
 from lmforge.config import RunConfig
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.interrupts import Interrupted
 
 
 def run_guarded(action: Callable[[], Any]) -> int:
@@ -41,6 +42,9 @@ def run_guarded(action: Callable[[], Any]) -> int:
     except LmforgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Interrupted as exc:
+        print(f"lmforge: interrupted: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130

@@ -7,13 +7,18 @@ import and one call to a function here; `lmforge run` executes the very same
 functions through KFP's local runner.
 
 Outputs of a pipeline run live under `<storage.root>/<name>/<pipeline run id>/`.
-A step that fails on the user's input prints one line and exits non-zero; when
-LMFORGE_ERROR_FILE is set (by `lmforge run`) the line is also written there, so
-the command that started the pipeline can repeat it.
+A step that fails on the user's input prints one line and exits non-zero; a step
+stopped by SIGTERM or SIGINT unwinds (its MLflow run KILLED, its processes stopped)
+and exits 128 + the signal. `lmforge run` sets two files the steps report to, so that
+the command that started the pipeline can repeat the line and end the MLflow run where
+a step could not: LMFORGE_ERROR_FILE gets the line "<step> step: <why>" of a step that
+failed or stopped (`failure_message`), LMFORGE_MLFLOW_RUN_FILE the pipeline's MLflow
+run id once a step has it.
 
 The steps that log to MLflow (train, evaluate, register) do so through
-`tracking.step_run`: each leaves the pipeline's run RUNNING, a failing one marks it
-FAILED and tags `lmforge.failed_step`, and register, the DAG's last, ends it FINISHED.
+`tracking.step_run`: each leaves the pipeline's run RUNNING, a failing one ends it
+FAILED (a stopped one KILLED) tagged with the step and the line, and register, the
+DAG's last, ends it FINISHED.
 What changes with the training task (data layout, evaluation metric, registered model)
 the steps ask `lmforge.tasks.get(cfg.task)`.
 
@@ -26,6 +31,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,10 +42,12 @@ from lmforge.io import storage
 from lmforge import config as config_mod
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
+from lmforge.interrupts import Interrupted, raised_on_stop_signals
 from lmforge.logs import setup_logging
 
 log = logging.getLogger(__name__)
 ERROR_FILE_ENV = "LMFORGE_ERROR_FILE"
+RUN_FILE_ENV = "LMFORGE_MLFLOW_RUN_FILE"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -92,22 +100,51 @@ def tracking_uri(cfg: RunConfig) -> str:
     return tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.storage.root)
 
 
+def failure_message(step_name: str, line: str) -> str:
+    """What a step that failed or stopped reports: "<step> step: <why>" (`parse_failure_message` reads it)."""
+    return f"{step_name} step: {line}"
+
+
+def parse_failure_message(message: str) -> tuple[str | None, str]:
+    """(step, why) from a `failure_message`; (None, message) for any other text."""
+    step_name, separator, line = message.partition(" step: ")
+    return (step_name, line) if separator else (None, message)
+
+
+def _report(env: str, text: str) -> None:
+    """Write `text` to the file the variable `env` names, when `lmforge run` set it."""
+    path = os.environ.get(env)
+    if path:
+        Path(path).write_text(text + "\n")
+
+
 def step(name: str) -> Callable[[F], F]:
-    """Logging set up, user errors turned into one line and an exit status."""
+    """Logging set up; a stop signal turned into Interrupted (exit 128 + signal, after the step has
+    unwound); a user error into one line and its exit status; every early end reported to
+    LMFORGE_ERROR_FILE (a bug keeps its traceback as well)."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             setup_logging()
             try:
-                return fn(*args, **kwargs)
+                with raised_on_stop_signals():
+                    return fn(*args, **kwargs)
             except LmforgeError as exc:
-                message = f"{name} step: {exc}"
+                message = failure_message(name, tracking.failure_line(exc))
                 log.error(message)
-                error_file = os.environ.get(ERROR_FILE_ENV)
-                if error_file:
-                    Path(error_file).write_text(message + "\n")
+                _report(ERROR_FILE_ENV, message)
                 raise SystemExit(exc.exit_code) from None
+            except (Interrupted, KeyboardInterrupt) as exc:
+                message = failure_message(name, tracking.failure_line(exc))
+                log.warning(message)
+                _report(ERROR_FILE_ENV, message)
+                if isinstance(exc, KeyboardInterrupt):  # SIGINT outside our handler: the same exit, no traceback
+                    raise Interrupted(signal.SIGINT) from None
+                raise
+            except Exception as exc:
+                _report(ERROR_FILE_ENV, failure_message(name, tracking.failure_line(exc)))
+                raise
 
         return wrapper  # type: ignore[return-value]
 
@@ -115,10 +152,12 @@ def step(name: str) -> Callable[[F], F]:
 
 
 def _mlflow_run(cfg: RunConfig, pipeline_run_id: str) -> str:
-    return tracking.pipeline_run(
+    run_id = tracking.pipeline_run(
         tracking_uri(cfg), cfg.tracking.experiment, pipeline_run_id,
         run_name=f"{cfg.name}-{pipeline_run_id}", storage_root=cfg.storage.root,
     )
+    _report(RUN_FILE_ENV, run_id)
+    return run_id
 
 
 @step("configure")

@@ -6,10 +6,13 @@ pipeline run id, or creates it, so steps need no extra wiring and a retried step
 logs into the same run.
 
 `step_run` is the one way a step logs into that run, and what it leaves behind is
-one rule: every step leaves the run RUNNING; a step that fails marks it FAILED and
-tags `lmforge.failed_step` with the step's name; the last step of the DAG (register)
-ends it FINISHED. The caller's fluent state (active run, tracking URI and
-MLFLOW_TRACKING_URI) is as it was afterwards.
+one rule: every step leaves the run RUNNING; a step that fails ends it FAILED, one
+stopped by a signal (SIGTERM, Ctrl-C) ends it KILLED, either way tagged
+`lmforge.failed_step` (the step's name) and `lmforge.error` (the one line that says
+why); the last step of the DAG (register) ends it FINISHED. The caller's fluent state
+(active run, tracking URI and MLFLOW_TRACKING_URI) is as it was afterwards. What a step
+cannot record (it was killed, or failed before the MLflow run existed) the command that
+ran the pipeline records: `end_unfinished_run`, `record_failed_pipeline`.
 
     lmforge run --config pipelines/configs/tiny.yaml    # train, evaluate, register log here
 """
@@ -25,9 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.interrupts import Interrupted, is_stop
 
 PIPELINE_RUN_TAG = "lmforge.pipeline_run_id"
 FAILED_STEP_TAG = "lmforge.failed_step"
+ERROR_TAG = "lmforge.error"
+#: MLflow keeps tag values of up to 5000 characters in older stores (8000 now); the line is cut long before.
+ERROR_CHARS = 500
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,25 @@ def existing_registry_client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def failure_line(exc: BaseException) -> str:
+    """One line saying why a step ended early: lmforge's own message, "stopped by SIGTERM", or, for
+    a bug, the exception's type and the first line of its message (its traceback is in the log)."""
+    if isinstance(exc, KeyboardInterrupt):
+        text = "stopped by SIGINT"
+    elif isinstance(exc, (LmforgeError, Interrupted)):
+        text = str(exc)
+    elif isinstance(exc, SystemExit):
+        text = f"exited with status {exc.code}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
+def ended_status(exc: BaseException) -> str:
+    """The MLflow run status for a run a step left by `exc`: KILLED after a stop signal, else FAILED."""
+    return "KILLED" if is_stop(exc) else "FAILED"
+
+
 def _experiment_id(client: Any, name: str, storage_root: str | Path | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -104,15 +130,56 @@ def pipeline_run(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    if tracking_uri.startswith(("http://", "https://")):
-        storage_root = None  # a tracking server decides where artifacts go (its --artifacts-destination)
-    experiment_id = _experiment_id(client, experiment, storage_root)
+    experiment_id = _experiment_of(client, tracking_uri, experiment, storage_root)
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", max_results=1
     )
     if found:
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=run_name, tags={PIPELINE_RUN_TAG: pipeline_run_id})
+    return run.info.run_id
+
+
+def _experiment_of(client: Any, tracking_uri: str, experiment: str, storage_root: str | Path | None) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        storage_root = None  # a tracking server decides where artifacts go (its --artifacts-destination)
+    return _experiment_id(client, experiment, storage_root)
+
+
+def _tag_failure(client: Any, run_id: str, step: str, error: str) -> None:
+    client.set_tag(run_id, FAILED_STEP_TAG, step)
+    client.set_tag(run_id, ERROR_TAG, error[:ERROR_CHARS])
+
+
+def end_unfinished_run(tracking_uri: str, run_id: str, *, status: str, step: str, error: str) -> bool:
+    """End run `run_id` `status` (FAILED or KILLED), tagged with the failing step and the error line,
+    if it is still RUNNING: a step that was killed, whose container was removed, or that failed in
+    KFP's code around lmforge's could not. A run a step has ended keeps its status and its tags
+    (they are the step's own, more precise). True when ended here."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    _tag_failure(client, run_id, step, error)
+    client.set_terminated(run_id, status)
+    return True
+
+
+def record_failed_pipeline(
+    tracking_uri: str, experiment: str, *, run_name: str, storage_root: str | Path | None, status: str, step: str,
+    error: str,
+) -> str:
+    """A run for a pipeline run that failed or was stopped before any step made its MLflow run (in
+    configure, download or preprocessing), ended `status` with the failing step and the error line,
+    so that the attempt is on record beside the others. It carries no pipeline-run tag: those steps
+    do not know the pipeline run's id. Returns the run's id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(_experiment_of(client, tracking_uri, experiment, storage_root), run_name=run_name)
+    _tag_failure(client, run.info.run_id, step, error)
+    client.set_terminated(run.info.run_id, status)
     return run.info.run_id
 
 
@@ -143,11 +210,12 @@ def use_tracking_uri(uri: str) -> Iterator[None]:
 def step_run(tracking_uri: str, run_id: str, step: str, *, last: bool = False) -> Iterator[Any]:
     """Make `run_id` the fluent API's active run for one step, and leave it in the rule's state.
 
-    On the way out the run is RUNNING, or FINISHED when `last` (the DAG's last step), or FAILED
-    with the tag FAILED_STEP_TAG = `step` when the body raised; a step that succeeds after a
-    failed attempt removes that tag. When the caller already has `run_id` active (a nested call,
-    or a user's own `mlflow.start_run`), it is used as is: its owner decides its status. Another
-    active run stays active underneath (ours is started nested on top of it).
+    On the way out the run is RUNNING, or FINISHED when `last` (the DAG's last step), or, when the
+    body raised, FAILED (KILLED when a stop signal ended it: `ended_status`) with the tags
+    FAILED_STEP_TAG = `step` and ERROR_TAG = `failure_line`; a step that succeeds after a failed
+    attempt removes those tags. When the caller already has `run_id` active (a nested call, or a
+    user's own `mlflow.start_run`), it is used as is: its owner decides its status, this only tags.
+    Another active run stays active underneath (ours is started nested on top of it).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -157,8 +225,8 @@ def step_run(tracking_uri: str, run_id: str, step: str, *, last: bool = False) -
         if active is not None and active.info.run_id == run_id:
             try:
                 yield active
-            except BaseException:
-                MlflowClient(tracking_uri).set_tag(run_id, FAILED_STEP_TAG, step)
+            except BaseException as exc:
+                _tag_failure(MlflowClient(tracking_uri), run_id, step, failure_line(exc))
                 raise
             return
         # nested=True only when another run is active: the fluent API refuses a second run.
@@ -167,11 +235,13 @@ def step_run(tracking_uri: str, run_id: str, step: str, *, last: bool = False) -
         status = "FINISHED" if last else "RUNNING"
         try:
             yield run
-            if FAILED_STEP_TAG in client.get_run(run_id).data.tags:
-                client.delete_tag(run_id, FAILED_STEP_TAG)  # this attempt succeeded: the run is no longer failed
-        except BaseException:
-            status = "FAILED"
-            client.set_tag(run_id, FAILED_STEP_TAG, step)
+            tags = client.get_run(run_id).data.tags
+            for tag in (FAILED_STEP_TAG, ERROR_TAG):
+                if tag in tags:
+                    client.delete_tag(run_id, tag)  # this attempt succeeded: the run is no longer failed
+        except BaseException as exc:
+            status = ended_status(exc)
+            _tag_failure(client, run_id, step, failure_line(exc))
             raise
         finally:
             # end_run pops the fluent run off the stack (and stops its system metrics); the

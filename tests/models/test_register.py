@@ -46,7 +46,7 @@ def variant(lm, directory: Path, k: int) -> Path:
 
 def assert_scores_like_fairseq(out: pd.DataFrame, expected: pd.DataFrame) -> None:
     """`out` (a loaded model's predictions) against fairseq's scores of the same texts."""
-    assert out.columns.tolist() == ["log_prob", "tokens", "perplexity", "eos_log_prob"]
+    assert out.columns.tolist() == ["log_prob", "tokens", "perplexity", "eos_log_prob", "unk_tokens", "unk_fraction"]
     assert out.tokens.tolist() == expected.tokens.tolist()  # hub.score()'s positional_scores.numel()
     # log_prob is hub.score(text)["positional_scores"].sum()
     assert out.log_prob.tolist() == pytest.approx(expected.log_prob.tolist(), abs=1e-4)
@@ -122,7 +122,7 @@ def test_registers_a_model_that_scores_like_fairseq(tiny_lm, tracking, hub_expec
     from_list = model.predict(scored_texts)
     assert_scores_like_fairseq(from_list, hub_expected)
     pd.testing.assert_frame_equal(model.predict(pd.DataFrame({"text": scored_texts})), from_list)
-    assert model.metadata.get_input_schema().to_dict() == [{"type": "string", "required": True}]
+    assert model.metadata.get_input_schema().to_dict() == [{"type": "any", "required": True}]
 
     # The registered checkpoint is the weights without the optimizer state.
     local = Path(mlflow.artifacts.download_artifacts(result["model_uri"]))
@@ -163,7 +163,8 @@ def predict_in_a_fresh_process(uri: str, model_uri: str, texts: list[str], cwd: 
         "site = {Path(sysconfig.get_paths()[k]) for k in ('purelib', 'platlib')}\n"
         "files = [Path(f) for f in (getattr(m, '__file__', None) for m in list(sys.modules.values())) if f]\n"
         "top = sorted({f.relative_to(s).parts[0].split('.')[0] for f in files for s in site if f.is_relative_to(s)})\n"
-        "print(json.dumps([from_list.to_dict('list'), from_frame.to_dict('list'), cls.__module__, top]))\n"
+        "rows = lambda out: json.loads(out.to_json(orient='records'))\n"
+        "print(json.dumps([rows(from_list), rows(from_frame), cls.__module__, top]))\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     proc = subprocess.run(
@@ -216,7 +217,8 @@ model = mlflow.pyfunc.load_model('/model')
 import lmforge
 out = model.predict(json.loads(sys.argv[1]))
 print('RESULT ' + json.dumps({'lmforge_before': before is not None, 'lmforge': lmforge.__file__,
-                              'predictions': out.to_dict('list'), 'seconds': time.monotonic() - start}))
+                              'predictions': json.loads(out.to_json(orient='records')),
+                              'seconds': time.monotonic() - start}))
 """
 
 

@@ -6,6 +6,7 @@ the texts scored come from tests/conftest.py (`tiny_lm`, `tiny_hub`, `scored_tex
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -15,7 +16,7 @@ import pandas as pd
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.models.scoring import COLUMNS, FairseqLanguageModel, input_example, model_signature
+from lmforge.models.scoring import COLUMNS, FairseqLanguageModel, ScoringInputError, input_example, model_signature
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def assert_scores_like_the_hub(out: pd.DataFrame, texts: list[str], hub, referen
         if row.tokens:
             assert row.perplexity == pytest.approx(math.exp(-row.log_prob / row.tokens), rel=1e-9)
         else:
-            assert math.isnan(row.perplexity)
+            assert row.perplexity is pd.NA
         # The eos term, from one unbatched forward pass; its other positions are the hub's.
         ref = reference_scores(text)
         assert ref[:-1].tolist() == pytest.approx(hub_scores.tolist(), abs=1e-4)
@@ -110,7 +111,8 @@ def test_a_literal_eos_word_is_treated_as_the_hub_treats_it(model, tiny_hub):
 def test_every_input_form_gives_the_same_frame(model, scored_texts):
     texts = scored_texts[:3]
     expected = model.predict(None, texts)
-    assert expected.dtypes.astype(str).tolist() == ["float64", "int64", "float64", "float64"]
+    # perplexity and unk_fraction: nullable, <NA> (JSON null) for an empty text
+    assert expected.dtypes.astype(str).tolist() == ["float64", "int64", "Float64", "float64", "int64", "Float64"]
     for given in (
         pd.DataFrame({"id": [1, 2, 3], "text": texts}),  # the `text` column
         pd.DataFrame({"sentence": texts}),  # else the first column
@@ -126,14 +128,26 @@ def test_an_empty_text_has_no_words_and_only_the_eos_term(model, tiny_hub):
     hub_scores = tiny_hub.score("")["positional_scores"]
     assert hub_scores.numel() == 0  # what fairseq gives: nothing
     row = model.predict(None, [""]).iloc[0]
-    assert row.tokens == 0 and row.log_prob == 0.0
-    assert math.isnan(row.perplexity)
+    assert row.tokens == 0 and row.log_prob == 0.0 and row.unk_tokens == 0
+    # No words, no mean over them: missing, not NaN (which is no JSON).
+    assert row.perplexity is pd.NA and row.unk_fraction is pd.NA
     assert row.eos_log_prob < 0  # log p(</s> | nothing): an empty line's probability
 
 
 def test_no_texts_give_an_empty_frame(model):
     out = model.predict(None, [])
     assert list(out.columns) == list(COLUMNS) and len(out) == 0
+
+
+def test_unknown_words_are_counted_so_an_all_unknown_text_cannot_pass_as_fluent(model, tiny_lm):
+    vocabulary = {line.split()[0] for line in tiny_lm.dict_path.read_text(encoding="utf-8").splitlines()}
+    texts = ["zzzqqq unknownword qqqzzz", "the game was", "the zzzqqq was"]
+    assert {w for t in texts for w in t.split()} - vocabulary == {"zzzqqq", "unknownword", "qqqzzz"}
+    out = model.predict(None, texts)
+    assert out.unk_tokens.tolist() == [3, 0, 1]
+    assert out.unk_fraction.tolist() == pytest.approx([1.0, 0.0, 1 / 3])
+    # A literal "<unk>" is the unknown word too.
+    assert model.predict(None, ["<unk> game"]).unk_tokens.tolist() == [1]
 
 
 def test_a_text_longer_than_the_model_is_a_one_line_error(model):
@@ -144,18 +158,37 @@ def test_a_text_longer_than_the_model_is_a_one_line_error(model):
     assert "text #1 has 64 tokens" in message and "at most 63" in message
 
 
-def test_a_non_string_is_a_one_line_error(model):
-    with pytest.raises(LmforgeError, match=r"text #1 is None"):
-        model.predict(None, pd.DataFrame({"text": ["fine", None]}))
+@pytest.mark.parametrize("value,shown", [(None, "null (NoneType)"), (3, "3 (int)"), (float("nan"), "nan (float)"),
+                                         (["a"], "['a'] (list)"), (True, "True (bool)")])
+def test_a_non_string_is_a_one_line_error(model, value, shown):
+    with pytest.raises(LmforgeError) as err:
+        model.predict(None, pd.DataFrame({"text": ["fine", value]}))
+    assert str(err.value) == f'text #1 is {shown}, not a string: send every text as a string (an empty text as "")'
 
 
-def test_signature_is_one_unnamed_string_column_in_four_columns_out_and_sampling_params():
+def test_a_scoring_input_error_is_an_mlflow_400_whose_message_stays_one_line():
+    """What MLflow's scoring server makes of an exception raised in predict: an MlflowException keeps
+    its error code (INVALID_PARAMETER_VALUE: status 400) and its message, which the server rewrites
+    to 'Failed to predict data ...' (lmforge.models.scoring.ScoringInputError says why it stays)."""
+    from mlflow.exceptions import MlflowException
+
+    error = ScoringInputError("text #0 is null (NoneType), not a string")
+    assert isinstance(error, LmforgeError) and isinstance(error, MlflowException)
+    assert error.get_http_status_code() == 400
+    error.message = f"Failed to predict data '{'x' * 100}'. \nError: {error.message}"
+    assert json.loads(error.serialize_as_json())["message"] == "text #0 is null (NoneType), not a string"
+    assert str(error) == "text #0 is null (NoneType), not a string"
+
+
+def test_signature_is_one_unnamed_column_in_the_columns_out_and_sampling_params():
     sig = model_signature()
-    # Unnamed: MLflow then accepts a plain list of str as well as a DataFrame.
+    # Unnamed: MLflow then accepts a plain list of str as well as a DataFrame. Of any type: the
+    # model refuses what is not a string (a string column would turn null into "None" first).
     assert not sig.inputs.has_input_names() and len(sig.inputs.inputs) == 1
-    assert [c.type.name for c in sig.inputs.inputs] == ["string"]
+    assert sig.inputs.to_dict() == [{"type": "any", "required": True}]
     assert sig.outputs.input_names() == [*COLUMNS, "continuation"]
-    assert [c.type.name for c in sig.outputs.inputs] == ["double", "long", "double", "double", "string"]
+    assert [c.type.name for c in sig.outputs.inputs] == ["double", "long", "double", "double", "long", "double",
+                                                          "string"]
     assert not sig.outputs.inputs[-1].required  # only with continuation_tokens > 0
     assert {p.name: p.default for p in sig.params.params} == {
         "continuation_tokens": 0, "temperature": 1.0, "top_k": 0, "seed": 0}
@@ -240,3 +273,90 @@ def test_the_tokenizer_encodes_before_scoring(tiny_lm, tmp_path):
     assert model._tokenizer.kind == "none"
     spaced, plain = model.predict(None, ["  the   game\twas  ", "the game was"]).itertuples(index=False)
     assert spaced == plain
+
+
+# --------------------------------------------------------------------------- through `mlflow models serve`
+
+
+@pytest.fixture(scope="module")
+def served(tiny_lm, empty_mlflow_db, tmp_path_factory):
+    """The tiny LM registered by lmforge.models.register (SQLite store), served by a real `mlflow models serve`
+    on 127.0.0.1 (tests/test_mlflow_server.py's helpers); its base URL."""
+    import shutil
+
+    from lmforge import tracking
+    from lmforge.models.register import register_model
+    from mlflow_server import model_server
+
+    base = tmp_path_factory.mktemp("served")
+    shutil.copyfile(empty_mlflow_db, base / "mlflow.db")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    run_id = tracking.pipeline_run(uri, "lmforge-serving", "pipeline-1", storage_root=base)
+    result = register_model(checkpoint=tiny_lm.checkpoint, dict_path=tiny_lm.dict_path, model_name="served-lm",
+                            tracking_uri=uri, run_id=run_id, tags={})
+    with model_server(result["model_uri"], uri, base) as url:
+        yield url
+
+
+def strict_json(body: str):
+    """json.loads that refuses NaN and Infinity, as JavaScript's JSON.parse and most other parsers do."""
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+NOT_A_STRING = 'not a string: send every text as a string (an empty text as "")'
+BAD_REQUESTS = {
+    "null": ({"inputs": [None]}, f"text #0 is null (NoneType), {NOT_A_STRING}"),
+    "null after a text": ({"inputs": ["the game was", None]}, f"text #1 is null (NoneType), {NOT_A_STRING}"),
+    "a number": ({"inputs": [3]}, f"text #0 is 3 (int), {NOT_A_STRING}"),
+    "true": ({"inputs": [True]}, f"text #0 is True (bool), {NOT_A_STRING}"),
+    "null in a frame": ({"dataframe_split": {"columns": ["text"], "data": [[None]]}},
+                        f"text #0 is null (NoneType), {NOT_A_STRING}"),
+    "too long": ({"inputs": [" ".join(["the"] * 64)]},
+                 "text #0 has 64 tokens; this model scores at most 63 per text (its max positions, 64, less the start "
+                 "token): split the text"),
+    "a bad parameter": ({"inputs": ["the game"], "params": {"top_k": -1}},
+                        "continuation_tokens and top_k must be >= 0 and temperature > 0"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_the_model_server_answers_bad_input_400_with_lmforges_line(served, case):
+    from mlflow_server import post_invocations
+
+    payload, line = BAD_REQUESTS[case]
+    status, body = post_invocations(served, payload)
+    answer = strict_json(body)
+    assert status == 400, body
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert answer["message"] == line  # the line itself: no "Failed to predict data ...", no echo of the request
+    assert "stack_trace" not in answer
+
+
+@pytest.mark.slow
+def test_the_model_server_scores_the_empty_text_as_valid_json_with_null_perplexity(served):
+    from mlflow_server import post_invocations
+
+    status, body = post_invocations(served, {"inputs": ["", "the game was"]})
+    assert status == 200, body
+    empty, words = strict_json(body)["predictions"]
+    assert empty["tokens"] == 0 and empty["log_prob"] == 0.0 and empty["eos_log_prob"] < 0
+    assert empty["perplexity"] is None and empty["unk_fraction"] is None and empty["unk_tokens"] == 0
+    assert words["tokens"] == 3 and words["perplexity"] > 1 and words["unk_fraction"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_model_server_says_how_much_of_a_text_was_unknown(served):
+    """Unknown words all score as <unk>, often better than real words: the count is what gives it away.
+    The text "None" is a word like any other (the JSON null is refused, above)."""
+    from mlflow_server import post_invocations
+
+    status, body = post_invocations(served, {"inputs": ["zzzqqq unknownword qqqzzz", "the game was", "None"]})
+    assert status == 200, body
+    unknown, real, none = strict_json(body)["predictions"]
+    assert (unknown["unk_tokens"], unknown["unk_fraction"]) == (3, 1.0)
+    assert (real["unk_tokens"], real["unk_fraction"]) == (0, 0.0)
+    assert (none["tokens"], none["unk_tokens"]) == (1, 1)

@@ -12,14 +12,25 @@ Out: a DataFrame with one row per text:
        ``TransformerLanguageModel.from_pretrained(...).score(text)["positional_scores"].sum()``
        (0.0 for an empty text);
      - ``tokens``: the number of words scored (the hub's ``positional_scores.numel()``);
-     - ``perplexity``: ``exp(-log_prob / tokens)``, NaN for an empty text (no words);
+     - ``perplexity``: ``exp(-log_prob / tokens)``; missing for an empty text, which has no
+       words to average over (pandas ``<NA>`` in a nullable ``Float64`` column, JSON ``null``
+       from a model server: never NaN, which strict JSON parsers reject);
      - ``eos_log_prob``: ``log p(</s> | w1..wn)``, the end-of-sentence token after the text.
        A whole-sentence probability, as fairseq-train and fairseq-eval-lm
        (``--sample-break-mode eos``) count a line, is ``log_prob + eos_log_prob`` over
        ``tokens + 1`` tokens;
+     - ``unk_tokens`` and ``unk_fraction``: how many of the words are not in ``dict.txt`` and
+       were scored as ``<unk>``, and their share of ``tokens`` (missing for an empty text). A
+       text of unknown words gets the model's (often good) score of ``<unk>``: a low perplexity
+       with ``unk_fraction`` 1.0 says nothing about the text;
      - ``continuation`` (only with the ``continuation_tokens`` parameter > 0): up to that
        many tokens sampled after the text (``temperature``, ``top_k``, ``seed`` parameters),
        decoded by the tokenizer: ``model.predict(texts, params={"continuation_tokens": 20})``.
+
+Bad input (a text that is not a string, null included; a text longer than the model's
+context; an unknown or bad parameter) raises `ScoringInputError`: one line naming the text
+and what to change. Called in Python it is an `LmforgeError`; raised in `mlflow models serve`
+it is the response, status 400, whose JSON ``message`` is that line.
 
 `lmforge register ...` (see `lmforge.models.register`) logs and registers it with lmforge's code
 and its exact requirements (`IMPORTS`' closure); anyone then loads it by name, in any process that
@@ -30,11 +41,14 @@ DataFrame whose (first) column holds them:
     model.predict(["the cat sat on the mat"])
     model.predict(pd.DataFrame({"text": ["the cat sat on the mat"]}))
 
-The signature's input is one unnamed string column, which is what lets MLflow accept both
-forms: it turns a list into a one-column frame and checks a frame's first column. (A named
-``text`` column would reject the plain list.) So a frame passed to a loaded model must have
-its texts first; called directly (`from_files`), `predict` also finds a ``text`` column
-elsewhere.
+The signature's input is one unnamed column, which is what lets MLflow accept both forms: it
+turns a list into a one-column frame and checks a frame's first column. (A named ``text``
+column would reject the plain list.) So a frame passed to a loaded model must have its texts
+first; called directly (`from_files`), `predict` also finds a ``text`` column elsewhere. The
+column's type is ``any``, not ``string``: for a string column MLflow's scoring server turns the
+JSON values of ``{"inputs": [...]}`` into numpy strings before `predict` sees them (``null``
+becomes the text "None", ``3`` "3", ``true`` "True"), so they would be scored as words. With
+``any`` they arrive as sent and `as_texts` refuses every value that is not a string.
 
 Texts pass through the tokenizer, then are split on whitespace, as fairseq's dictionary
 expects; tokens missing from ``dict.txt`` score as ``<unk>``.
@@ -54,15 +68,17 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow.pyfunc
 import pandas as pd  # already loaded by mlflow.pyfunc; needed at import for the type hints
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from lmforge.errors import LmforgeError
 
 #: Output columns, in order.
-COLUMNS = ("log_prob", "tokens", "perplexity", "eos_log_prob")
+COLUMNS = ("log_prob", "tokens", "perplexity", "eos_log_prob", "unk_tokens", "unk_fraction")
 CONTINUATION = "continuation"
 
 #: predict() parameters and their defaults (the signature's params schema).
@@ -82,23 +98,48 @@ EXAMPLE_TEXTS = ("the cat sat on the mat", "")
 IMPORTS = ("mlflow", "cloudpickle", "pandas", "numpy", "torch", "fairseq", "tokenizers", "sentencepiece")
 
 
-def model_signature():
-    """The pyfunc signature: one unnamed string column in; the `COLUMNS` out.
+class ScoringInputError(LmforgeError, MlflowException):
+    """Input the model cannot score: one line naming the text or parameter and what to change.
 
-    Unnamed, so that a loaded model takes a plain list of str as well as a DataFrame (see
-    the module docstring).
+    An LmforgeError for Python callers (the CLI prints the line). An MlflowException with
+    INVALID_PARAMETER_VALUE, because that is what MLflow's scoring server answers with status 400
+    and the exception's ``message`` (any other exception becomes a generic "Encountered an
+    unexpected error while evaluating the model" with the line buried in ``stack_trace``).
     """
+
+    def __init__(self, message: str) -> None:
+        MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+
+    # The scoring server (mlflow.pyfunc.scoring_server.invocations, MLflow 3.17) rewrites
+    # `message` to "Failed to predict data '<the whole request>'. \nError: <message>" before
+    # answering: two lines, and the request (a long text: all of it) echoed back. The answer's
+    # message stays the one line.
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+    @message.setter
+    def message(self, value: str) -> None:
+        pass
+
+
+def model_signature():
+    """The pyfunc signature: one unnamed column of any type in (the module docstring says why
+    any and why unnamed); the `COLUMNS` out, and the continuation when asked for."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
 
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.string)]),
+        inputs=Schema([ColSpec(AnyType())]),
         outputs=Schema(
             [
                 ColSpec(DataType.double, "log_prob"),
                 ColSpec(DataType.long, "tokens"),
-                ColSpec(DataType.double, "perplexity"),
+                ColSpec(DataType.double, "perplexity"),  # null for an empty text
                 ColSpec(DataType.double, "eos_log_prob"),
+                ColSpec(DataType.long, "unk_tokens"),
+                ColSpec(DataType.double, "unk_fraction"),  # null for an empty text
                 ColSpec(DataType.string, CONTINUATION, required=False),
             ]
         ),
@@ -124,7 +165,7 @@ def as_texts(model_input: Any) -> list[str]:
         values: list[Any] = [model_input]
     elif isinstance(model_input, pd.DataFrame):
         if model_input.shape[1] == 0:
-            raise LmforgeError("input DataFrame has no columns; pass a 'text' column of strings")
+            raise ScoringInputError("input DataFrame has no columns; pass a 'text' column of strings")
         column = "text" if "text" in model_input.columns else model_input.columns[0]
         values = model_input[column].tolist()
     elif isinstance(model_input, pd.Series):
@@ -132,14 +173,22 @@ def as_texts(model_input: Any) -> list[str]:
     elif isinstance(model_input, (list, tuple)) or hasattr(model_input, "tolist"):
         values = list(model_input.tolist() if hasattr(model_input, "tolist") else model_input)
     else:
-        raise LmforgeError(
+        raise ScoringInputError(
             f"cannot score a {type(model_input).__name__}; pass a list of str, a pandas Series "
             "or a DataFrame with a 'text' column"
         )
     for i, value in enumerate(values):
         if not isinstance(value, str):
-            raise LmforgeError(f"text #{i} is {value!r} ({type(value).__name__}), not a string")
+            shown = "null" if value is None else _shortened(repr(value))
+            raise ScoringInputError(
+                f"text #{i} is {shown} ({type(value).__name__}), not a string: send every text as a string "
+                '(an empty text as "")'
+            )
     return values
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
@@ -212,15 +261,26 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
         settings = _params(params)
         texts = as_texts(model_input)
         scores = self.score_texts(texts)
-        lp = np.array([s[0] for s in scores], dtype=np.float64)
-        tokens = np.array([s[1] for s in scores], dtype=np.int64)
-        eos = np.array([s[2] for s in scores], dtype=np.float64)
-        # An empty text has no words: perplexity NaN (0/0). A hopeless text has perplexity inf.
+        lp = np.array([s.log_prob for s in scores], dtype=np.float64)
+        tokens = np.array([s.tokens for s in scores], dtype=np.int64)
+        unk = np.array([s.unk_tokens for s in scores], dtype=np.int64)
+        words = tokens > 0
+        # An empty text has no words, so no mean over them: perplexity and unk_fraction are
+        # missing (<NA>, JSON null), not NaN (0/0). A hopeless text has perplexity inf.
         with np.errstate(over="ignore"):
-            ppl = np.where(tokens > 0, np.exp(-lp / np.maximum(tokens, 1)), np.nan)
+            ppl = np.exp(-lp / np.maximum(tokens, 1))
         out = pd.DataFrame(
-            {"log_prob": lp, "tokens": tokens, "perplexity": ppl, "eos_log_prob": eos}, columns=list(COLUMNS)
+            {
+                "log_prob": lp,
+                "tokens": tokens,
+                "perplexity": pd.array(ppl, dtype="Float64", copy=False),
+                "eos_log_prob": np.array([s.eos_log_prob for s in scores], dtype=np.float64),
+                "unk_tokens": unk,
+                "unk_fraction": pd.array(unk / np.maximum(tokens, 1), dtype="Float64"),
+            },
+            columns=list(COLUMNS),
         )
+        out.loc[~words, ["perplexity", "unk_fraction"]] = pd.NA
         if settings["continuation_tokens"] > 0:
             out[CONTINUATION] = self.continue_texts(
                 texts, settings["continuation_tokens"], temperature=settings["temperature"],
@@ -275,8 +335,9 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
             start += 1
         return _append(ids[start:end], eos)
 
-    def score_texts(self, texts: list[str]) -> list[tuple[float, int, float]]:
-        """For each text, in order: (log p(words), number of words, log p(eos | words))."""
+    def score_texts(self, texts: list[str]) -> list[TextScore]:
+        """For each text, in order: log p(words), the number of words, log p(eos | words), and how
+        many of the words are <unk>."""
         import torch
         from fairseq.data import data_utils
         from fairseq.sequence_scorer import SequenceScorer
@@ -293,14 +354,14 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
         for i, target in enumerate(targets):
             # The input is the start token and the words: one position per word, plus one.
             if limit is not None and target.numel() > limit:
-                raise LmforgeError(
+                raise ScoringInputError(
                     f"text #{i} has {target.numel() - 1} tokens; this model scores at most "
                     f"{limit - 1} per text (its max positions, {limit}, less the start token): "
                     "split the text"
                 )
 
         scorer = SequenceScorer(hub.task.target_dictionary)
-        results: list[tuple[float, int, float] | None] = [None] * len(texts)
+        results: list[TextScore | None] = [None] * len(texts)
         # Longest first, so each batch pads little and the first one shows the memory peak.
         order = sorted(range(len(texts)), key=lambda i: -targets[i].numel())
         for batch in _batches(order, [t.numel() for t in targets], MAX_BATCH_TOKENS):
@@ -320,8 +381,18 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
                 positional = hypo[0]["positional_scores"]
                 words = positional[:-1]  # the last position is eos, which the hub does not score
                 # .sum() of an empty tensor is 0.0, as the hub gives for an empty text.
-                results[i] = (float(words.sum()), int(words.numel()), float(positional[-1]))
+                unknown = int((targets[i][:-1] == dictionary.unk()).sum())
+                results[i] = TextScore(float(words.sum()), int(words.numel()), float(positional[-1]), unknown)
         return results  # type: ignore[return-value]
+
+
+class TextScore(NamedTuple):
+    """One text's numbers, as `score_texts` gives them."""
+
+    log_prob: float  # log p(w1..wn), natural log
+    tokens: int  # n, the words scored
+    eos_log_prob: float  # log p(</s> | w1..wn)
+    unk_tokens: int  # words scored as <unk> (not in dict.txt)
 
 
 class _Whitespace:
@@ -341,13 +412,13 @@ def _params(params: dict | None) -> dict[str, Any]:
     settings = dict(PARAMS)
     for key, value in (params or {}).items():
         if key not in PARAMS:
-            raise LmforgeError(f"unknown parameter {key!r}; known: {', '.join(PARAMS)}")
+            raise ScoringInputError(f"unknown parameter {key!r}; known: {', '.join(PARAMS)}")
         try:
             settings[key] = type(PARAMS[key])(value)
         except (TypeError, ValueError):
-            raise LmforgeError(f"parameter {key}={value!r} is not a {type(PARAMS[key]).__name__}") from None
+            raise ScoringInputError(f"parameter {key}={value!r} is not a {type(PARAMS[key]).__name__}") from None
     if settings["continuation_tokens"] < 0 or settings["temperature"] <= 0 or settings["top_k"] < 0:
-        raise LmforgeError("continuation_tokens and top_k must be >= 0 and temperature > 0")
+        raise ScoringInputError("continuation_tokens and top_k must be >= 0 and temperature > 0")
     return settings
 
 

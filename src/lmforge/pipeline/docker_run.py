@@ -40,6 +40,7 @@ from typing import Any
 from lmforge import tracking
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
+from lmforge.interrupts import Interrupted
 from lmforge.io import storage
 from lmforge.io.uris import parse_location
 
@@ -321,7 +322,7 @@ def removed_on_signal(containers: StepContainers) -> Iterator[None]:
         log.warning("%s: stopping the run; removed %d step container(s)", signal.Signals(signum).name, removed)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
+        raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:

@@ -8,7 +8,17 @@ outputs (model URI, perplexity, MLflow run) plus where everything landed.
 - `docker`: KFP's DockerRunner runs each one in a container of the steps image
   (lmforge.pipeline.docker_run says what the containers see).
 
-KFP's working files are under `<storage.root>/kfp-local` either way.
+KFP's working files are under `<storage.root>/kfp-local` either way, and so is the run's
+scratch, removed when the run ends: the files the steps report to (`lmforge.steps`) and the
+steps' temporary directory (TMPDIR), so that KFP's `tmp.*` folders (ephemeral_component.py),
+torchrun's and multiprocessing's leave nothing in the system's temporary directory.
+
+A run that fails or is stopped ends its MLflow run FAILED or KILLED, tagged with the failing
+step and the one-line error (`lmforge.tracking`): the step does it where it can; the run does
+it here where the step could not (it was killed, or failed before the MLflow run existed).
+SIGTERM or SIGINT stops the run gracefully: the running step stops itself (SIGTERM is passed
+on to it; Ctrl-C's SIGINT reached it already), no further step starts, and `lmforge run`
+exits 128 + the signal once the step has ended.
 """
 
 from __future__ import annotations
@@ -16,15 +26,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge import steps
+from lmforge import steps, tracking
 from lmforge.io import storage
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
+from lmforge.interrupts import STOP_SIGNALS, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +69,20 @@ def run_pipeline(cfg: RunConfig, runner: str = "subprocess") -> dict[str, Any]:
     local_root = storage.local_path(cfg.storage.root)
     kfp_root = local_root / "kfp-local" if local_root is not None else steps.scratch_dir("kfp-local")
     kfp_root.mkdir(parents=True, exist_ok=True)
-    # A failing step writes its one-line reason here; the runner itself only says "FAILURE". Under KFP's
-    # pipeline root, which a step container has mounted at the same path.
-    with tempfile.TemporaryDirectory(prefix="errors-", dir=kfp_root) as tmp, \
-            _environment(steps.ERROR_FILE_ENV, str(Path(tmp) / "error")) as error_file, \
-            _kfp_runner(runner, cfg, kfp_root) as kfp_runner:
-        local.init(runner=kfp_runner, pipeline_root=str(kfp_root))
-        try:
-            outputs = lmforge_pipeline(config_json=cfg.to_json()).outputs
-        except RuntimeError as exc:
-            if Path(error_file).is_file():
-                raise LmforgeError(Path(error_file).read_text().strip()) from None
-            raise LmforgeError(f"the pipeline failed ({exc}); the step's log above says why") from None
+    # This process's own temporary files stay in the system's directory: gettempdir() reads TMPDIR
+    # once, so it is read now, before TMPDIR names the run's scratch for the steps.
+    tempfile.gettempdir()
+    # Under KFP's pipeline root, which a step container has mounted at the same path: the runner itself
+    # only says "FAILURE", the steps report here what failed and which MLflow run is the pipeline's.
+    with tempfile.TemporaryDirectory(prefix="run-", dir=kfp_root, ignore_cleanup_errors=True) as tmp:
+        scratch = RunScratch(Path(tmp))
+        with _environment(scratch.environment()), _print_kept(), _stops_passed_to_steps() as stops, \
+                _kfp_runner(runner, cfg, kfp_root) as kfp_runner:
+            local.init(runner=kfp_runner, pipeline_root=str(kfp_root))
+            try:
+                outputs = lmforge_pipeline(config_json=cfg.to_json()).outputs
+            except BaseException as exc:
+                raise _ended_early(cfg, exc, stops.signum, scratch) from None
     mlflow_run_id = outputs["mlflow_run_id"]
     return {
         "model_uri": outputs["model_uri"],
@@ -90,18 +106,170 @@ def _kfp_runner(runner: str, cfg: RunConfig, kfp_root: Path) -> Iterator[Any]:
         yield local.SubprocessRunner(use_venv=False)
 
 
+@dataclass(frozen=True)
+class RunScratch:
+    """The run's scratch directory: the steps' reports and their temporary directory."""
+
+    root: Path
+
+    @property
+    def error_file(self) -> Path:
+        return self.root / "error"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "mlflow-run"
+
+    def environment(self) -> dict[str, str]:
+        """What the steps are told (docker_run passes LMFORGE_* into the step containers, and leaves
+        TMPDIR out: a container's /tmp goes with it)."""
+        (self.root / "tmp").mkdir(exist_ok=True)
+        return {steps.ERROR_FILE_ENV: str(self.error_file), steps.RUN_FILE_ENV: str(self.run_file),
+                "TMPDIR": str(self.root / "tmp")}
+
+    def reported(self, path: Path) -> str:
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+
+
 @contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[str]:
-    """`name` set to `value` in this process's environment (what the steps inherit) for the duration."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` set in this process's environment (what the steps inherit) for the duration."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
-        yield value
+        yield
     finally:
-        if previous is None:
-            os.environ.pop(name, None)
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _print_kept() -> Iterator[None]:
+    """builtins.print as it was afterwards. KFP's local runner indents the task logs by replacing
+    builtins.print for each task (kfp.local.logging_utils.indented_print), which is not thread-safe:
+    two fan-out tasks that overlap leave an indenting print behind, and "lmforge: error: ..." came
+    out 4 spaces in."""
+    import builtins
+
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original
+
+
+# --------------------------------------------------------------------------- a run that ends early
+
+#: KFP's last word on a failed run: "Pipeline 'lmforge' finished with status FAILURE. Inner task failed:
+#: 'train'." (kfp.local.pipeline_orchestrator, the names in terminal colours), innermost task first.
+_KFP_FAILED_TASK = re.compile(r"Inner task failed: '([^']+)'")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _ended_early(cfg: RunConfig, exc: BaseException, signum: int | None, scratch: RunScratch) -> BaseException:
+    """What `lmforge run` raises for a pipeline that failed or was stopped, once its MLflow run says so.
+
+    The failing step and its line come from the step's report; without one (the step was killed,
+    or KFP's own code around it failed) the step is the task KFP names."""
+    if signum is None and isinstance(exc, Interrupted):
+        signum = exc.signum  # a stop the docker runner's handler took
+    elif signum is None and isinstance(exc, KeyboardInterrupt):
+        signum = signal.SIGINT
+    report = scratch.reported(scratch.error_file)
+    step, line = steps.parse_failure_message(report)
+    if step is None:
+        said = _ANSI.sub("", str(exc)) or type(exc).__name__
+        found = _KFP_FAILED_TASK.search(said)
+        step = found.group(1) if found else "lmforge run"
+        if signum:
+            line = str(Interrupted(signum))
+        elif isinstance(exc, LmforgeError):  # lmforge's own code in this process (the docker runner's)
+            line = tracking.failure_line(exc)
+        elif found:
+            line = (f"the {step} task failed without a word from lmforge (it was killed, or KFP's code around "
+                    "the step failed); its log above says why")
         else:
-            os.environ[name] = previous
+            line = f"the pipeline failed ({said}); the log above says why"
+        report = line
+    _record_in_mlflow(cfg, scratch, status="KILLED" if signum else "FAILED", step=step, line=line)
+    return Interrupted(signum) if signum else LmforgeError(report)
+
+
+def _record_in_mlflow(cfg: RunConfig, scratch: RunScratch, *, status: str, step: str, line: str) -> None:
+    """The pipeline's MLflow run ended `status` where no step ended it; a run of its own when the
+    failure came before any step made one. Best effort: an MLflow that cannot be reached must not
+    hide the failure itself."""
+    uri = steps.tracking_uri(cfg)
+    try:
+        run_id = scratch.reported(scratch.run_file)
+        if run_id:
+            tracking.end_unfinished_run(uri, run_id, status=status, step=step, error=line)
+        else:
+            tracking.record_failed_pipeline(uri, cfg.tracking.experiment, run_name=f"{cfg.name}-{status.lower()}",
+                                            storage_root=cfg.storage.root, status=status, step=step, error=line)
+    except Exception as exc:  # noqa: BLE001 - reported, and the run's own failure raised after it
+        log.warning("could not record the run's end in MLflow at %s: %s", uri, tracking.failure_line(exc))
+
+
+class _Stops:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def _stops_passed_to_steps() -> Iterator[_Stops]:
+    """SIGTERM and SIGINT while the pipeline runs end it gracefully: the first is passed on to the
+    running steps (SIGTERM only: Ctrl-C's SIGINT reached them with this process, and a second
+    copy would cut their cleanup short), no further step starts (KFP's subprocess call fails at
+    once), and KFP sees the stopped step fail, which ends the run. Later signals are ignored.
+    The docker runner's own handlers take over while it runs (lmforge.pipeline.docker_run)."""
+    from kfp.local import subprocess_task_handler
+
+    stops = _Stops()
+
+    def stop(signum: int, frame: Any) -> None:
+        if stops.signum is not None:
+            return
+        stops.signum = signum
+        if signum == signal.SIGTERM:
+            for pid in _step_processes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+    start_step = subprocess_task_handler.run_local_subprocess
+
+    def start_unless_stopped(*args: Any, **kwargs: Any) -> int:
+        return 128 + stops.signum if stops.signum is not None else start_step(*args, **kwargs)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    subprocess_task_handler.run_local_subprocess = start_unless_stopped
+    try:
+        yield stops
+    finally:
+        subprocess_task_handler.run_local_subprocess = start_step
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _step_processes() -> list[int]:
+    """The running steps' processes. KFP's subprocess runner starts each step as `sh -ec '...; python3
+    -m kfp.dsl.executor_main ...'`, and a shell that gets SIGTERM dies at once and leaves its child
+    running, so the step is the shell's child. Read from /proc (Linux); none found elsewhere, where
+    the running step then ends by itself."""
+    found = []
+    for child in _children(os.getpid()):
+        found.extend(_children(child) or [child])
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    pids: list[int] = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            pids.extend(int(p) for p in listing.read_text().split())
+    return pids
 
 
 def _run_dir_of(cfg: RunConfig, mlflow_run_id: str) -> str:

@@ -131,8 +131,10 @@ class LanguageModeling(Task):
             summary=(
                 "predict() takes raw texts (a list of str, or a DataFrame with the texts in its first column) "
                 "and returns log_prob (natural log of the tokens, as fairseq's hub score() sums it), "
-                "tokens (tokens scored), perplexity and eos_log_prob (log p(</s> | text)); with the parameter "
-                "continuation_tokens=N also a sampled continuation (temperature, top_k, seed)."
+                "tokens (tokens scored), perplexity (null for an empty text), eos_log_prob (log p(</s> | text)), "
+                "unk_tokens and unk_fraction (the words not in the dictionary, scored as <unk>); with the parameter "
+                "continuation_tokens=N also a sampled continuation (temperature, top_k, seed). A value that is not "
+                "a string, or a text longer than the model's context, is refused (status 400 from a model server)."
             ),
             imports=scoring.IMPORTS,
         )

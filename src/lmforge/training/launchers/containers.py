@@ -118,6 +118,7 @@ class Outcome:
     status: int
     reason: str = ""
     restarts: int = 0
+    stopped_by: int = 0  # the signal that stopped the job from outside, if one did
 
 
 # ------------------------------------------------------------------ the engine
@@ -219,7 +220,8 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if self.signals and outcome.status == 0:  # stopped while the job was ending: still a stop
-            return Outcome(EXIT_TERMINATED, f"stopped by {signal.Signals(self.signals[0]).name}", outcome.restarts)
+            return Outcome(EXIT_TERMINATED, f"stopped by {signal.Signals(self.signals[0]).name}", outcome.restarts,
+                           stopped_by=self.signals[0])
         return outcome
 
     def _supervise(self, replicas: list[Replica]) -> Outcome:
@@ -232,7 +234,7 @@ class Supervisor:
             if self.signals:
                 name = signal.Signals(self.signals[0]).name
                 log.warning("%s: stopping the replicas of %s", name, self.job)
-                return Outcome(EXIT_TERMINATED, f"stopped by {name}", restarts)
+                return Outcome(EXIT_TERMINATED, f"stopped by {name}", restarts, stopped_by=self.signals[0])
             for index, replica in enumerate(replicas):
                 code = None if replica.done else replica.exit_code()
                 if code is None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
+from lmforge.interrupts import Interrupted
 from lmforge.training.distributed import operator_env, without_launcher_variables
 from lmforge.training.worker import CACHE_ENV, EXIT_TERMINATED
 
@@ -62,8 +63,9 @@ def free_port() -> int:
 
 
 def launch(cfg: RunConfig, worker_args: list[str], *, cache_dir: Path, job_name: str = "lmforge-local") -> None:
-    """Run the workers to completion; raise LmforgeError with their status when they fail.
-    `job_name` names an emulated PyTorchJob's containers (train.local_replicas: containers)."""
+    """Run the workers to completion; raise LmforgeError with their status when they fail, Interrupted
+    when a stop signal ended them. `job_name` names an emulated PyTorchJob's containers
+    (train.local_replicas: containers)."""
     t = cfg.train
     base = without_launcher_variables(os.environ)
     if t.local_replicas == "containers":
@@ -75,6 +77,8 @@ def launch(cfg: RunConfig, worker_args: list[str], *, cache_dir: Path, job_name:
         log.info("starting %s of %s: lmforge worker %s", what, t.pytorchjob.image, " ".join(worker_args))
         outcome = containers.run_job(t.pytorchjob.image, job_name, worker_args, envs,
                                      backoff_limit=t.pytorchjob.backoff_limit)
+        if outcome.stopped_by:
+            raise Interrupted(outcome.stopped_by)
         if outcome.status != 0:
             raise LmforgeError(f"training failed: {what}: {outcome.reason}")
         return
@@ -91,7 +95,10 @@ def launch(cfg: RunConfig, worker_args: list[str], *, cache_dir: Path, job_name:
         ]
         what = f"an emulated PyTorchJob of {t.nnodes} replicas x {t.nproc} process(es)"
     log.info("starting %s: %s", what, " ".join(command))
-    status = run_local_processes(command, envs)
+    received: list[int] = []
+    status = run_local_processes(command, envs, received=received)
+    if received:  # stopped from outside: however the workers ended after it (their log says), not a failure
+        raise Interrupted(received[0])
     if status != 0:
         raise LmforgeError(f"training failed: {what} exited with status {status} (the worker log above says why)")
 
@@ -111,8 +118,10 @@ def combine_exit_codes(codes: Sequence[int]) -> int:
     return max(codes, default=0)
 
 
-def run_local_processes(command: list[str], envs: list[dict[str, str]], *, grace_s: float = 60.0) -> int:
-    """Start one process per environment and wait for all; SIGTERM/SIGINT are passed on.
+def run_local_processes(command: list[str], envs: list[dict[str, str]], *, grace_s: float = 60.0,
+                        received: list[int] | None = None) -> int:
+    """Start one process per environment and wait for all; SIGTERM/SIGINT are passed on (and
+    appended to `received` when given).
 
     What torchrun's agent does for a node, except for the exit status: torchrun reports 1 for
     any failed worker, which a PyTorchJob's ExitCode policy treats as permanent. Here the
@@ -120,7 +129,7 @@ def run_local_processes(command: list[str], envs: list[dict[str, str]], *, grace
     stopped: they would otherwise wait for it in a collective until the timeout.
     """
     procs = [subprocess.Popen(command, env=env) for env in envs]
-    received: list[int] = []
+    received = [] if received is None else received
 
     def forward(signum: int, frame: Any) -> None:
         received.append(signum)

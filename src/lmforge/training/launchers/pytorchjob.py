@@ -38,6 +38,7 @@ from typing import Any
 
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
+from lmforge.interrupts import Interrupted
 from lmforge.training.distributed import OPERATOR_PORT, OPERATOR_PORT_NAME
 from lmforge.training.launchers import k8s_api
 from lmforge.training.worker import CACHE_ENV
@@ -450,7 +451,7 @@ def launch(cfg: RunConfig, worker_args: list[str], *, job_name: str, run: str = 
         follower.finish()
         if signals.ignored:
             log.warning("%d more signal(s) arrived while deleting; ignored", signals.ignored)
-        raise SystemExit(128 + stop.signum) from None
+        raise Interrupted(stop.signum) from None  # exit 128 + signal; the train step's MLflow run: KILLED
     finally:
         follower.stop()  # when wait_for_end raised
         signals.restore()
