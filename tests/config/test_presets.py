@@ -74,10 +74,11 @@ CPU_SIZED = {
                              "train.extra_args.label_smoothing=0.1"],
     "transformer_lm_gpt": ["model.preset=transformer_lm_gpt", *NARROW],
     # adaptive input tied to the adaptive softmax (its cutoffs follow the softmax's), NAG with cosine
-    # restarts and update_freq 3 as in the recipe; the cosine period fits the run
+    # restarts and update_freq 3 as in the recipe; the cosine period fits the run, and 3 batches of
+    # 128 tokens an update keep the 30 updates within one epoch
     "transformer_lm_wiki103": ["model.preset=transformer_lm_wiki103", *NARROW,
                                f"model.options.adaptive_softmax_cutoff={SMALL_CUTOFFS}",
-                               "train.extra_args.lr_period_updates=25"],
+                               "train.extra_args.lr_period_updates=25", "train.max_tokens=128"],
     # the hidden and output widths follow decoder_embed_dim
     "lstm_lm": ["model.preset=lstm_lm", "model.options.decoder_embed_dim=64",
                 f"model.options.adaptive_softmax_cutoff={SMALL_CUTOFFS}"],
@@ -114,7 +115,7 @@ def test_cpu_sized_preset_trains_evaluates_and_scores(variant, fast_data_bin, tm
 
     from lmforge.models.scoring import FairseqLanguageModel
 
-    settings = [x for o in (*CPU_SIZED[variant], *SHORT_RUN, f"train.cache_dir={tmp_path / 'cache'}") for x in ("--set", o)]
+    settings = [x for o in (*SHORT_RUN, *CPU_SIZED[variant], f"train.cache_dir={tmp_path / 'cache'}") for x in ("--set", o)]
     common = ["--config", str(bare_config_file(tmp_path)), "--data-bin", str(fast_data_bin), *settings]
     started = time.perf_counter()
     summary, log = lmforge_cli(capfd, "train", *common, "--checkpoints", str(tmp_path / "ckpt"))

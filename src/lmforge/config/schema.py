@@ -1,7 +1,7 @@
 """The run config's schema: frozen dataclasses, one per YAML section, each field documented.
 
 In: nothing (pure types). Out: `RunConfig` and its sections, with the values derived from them
-as methods (`TrainConfig.world_size`, `ModelConfig.adaptive_softmax_cutoff`,
+as methods (`TrainConfig.world_size`, `ModelConfig.adaptive_softmax_cutoff`/`adaptive_input_cutoff`,
 `TrainConfig.resolved_launcher`/`RunConfig.resolve_launcher`), and `field_docs` for
 
     lmforge config docs

@@ -5,6 +5,8 @@ In: argument lists built by `lmforge.fairseq_api.arguments`. Out: fairseq's own 
 `eval_lm` returns loss, perplexity and tokens, `dry_run` one epoch's batching, the model's
 parameter count and shapes (`model_shapes`) and one real batch, `check_train_args` refuses
 what fairseq-train's parser refuses (a one-line LmforgeError naming the option), `architectures`/`criteria` list fairseq's registries.
+`allow_legacy_checkpoints` lets fairseq's loader read lstm_lm checkpoints under torch >= 2.6 (train, eval-lm, and
+`lmforge.models.scoring` call it).
 fairseq is imported inside each function: importing it costs ~5 s and is only needed here.
 
     lmforge worker ...  (train), lmforge evaluate ...  (eval_lm), lmforge train --dry-run ...  (dry_run)
