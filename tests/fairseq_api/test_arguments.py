@@ -30,9 +30,6 @@ def test_single_process_cpu_has_no_distributed_options():
 
 def test_cpu_multi_process_uses_gloo_and_legacy_ddp():
     args = train_args(config.load(TINY), "/d", "/c", Placement(world_size=2, rank=1, device_id=0, cuda=False))
-    # each process resumes from its own copy (tests/training/test_modes.py resumes a 2-process job)
-    assert "--load-checkpoint-on-all-dp-ranks" in args
-    assert "--load-checkpoint-on-all-dp-ranks" not in train_args(config.load(TINY), "/d", "/c")
     assert value_after(args, "--distributed-backend") == "gloo"
     assert value_after(args, "--ddp-backend") == "legacy_ddp"
     assert value_after(args, "--distributed-rank") == "1"

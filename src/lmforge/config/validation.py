@@ -139,7 +139,6 @@ WORKER_OWNED_ARGS = {
     "keep_last_epochs": "train.keep_last_epochs", "no_epoch_checkpoints": "train.keep_last_epochs",
     "max_tokens": "train.max_tokens", "update_freq": "train.update_freq", "max_update": "train.max_update",
     "max_epoch": "train.max_epoch", "arch": "model.arch", "criterion": "model.criterion",
-    "load_checkpoint_on_all_dp_ranks": "the worker (every process of a job resumes from its own copy)",
 }
 def validate_training(cfg: RunConfig) -> list[str]:
     """Problems of the model and train sections, combinations included (no I/O, no fairseq import)."""

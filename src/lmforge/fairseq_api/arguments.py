@@ -150,11 +150,6 @@ def train_args(cfg: RunConfig, data_dir: str, save_dir: str, placement: Placemen
             "--distributed-init-method", "env://",
             "--distributed-no-spawn",
             "--distributed-backend", placement.backend,
-            # Every process reads the checkpoint it resumes from (each node stages its own copy).
-            # fairseq's default, rank 0 reading and broadcasting it, fails under torch >= 2.6: the
-            # receiving ranks torch.load the pickled state (an omegaconf DictConfig in it) with
-            # weights_only=True, so a 2-process job could start but never resume.
-            "--load-checkpoint-on-all-dp-ranks",
         ]
     if "ddp_backend" not in t.extra_args and (criterion == "adaptive_loss" or
                                               (placement.world_size > 1 and not placement.cuda)):
