@@ -315,16 +315,40 @@ def worker_command(config_file: Path, data_bin: Path, save_dir: str | Path, *ext
             "--save-dir", str(save_dir), *extra]
 
 
-def train_inner_losses(log_text: str) -> dict[int, str]:
-    """num_updates -> loss (as fairseq printed it) from fairseq's JSON 'train_inner' log lines."""
+def train_inner_losses(log_text: str, key: str = "loss") -> dict[int, str]:
+    """num_updates -> loss (or another statistic, as fairseq printed it) from fairseq's JSON
+    'train_inner' log lines."""
     import json
 
     losses = {}
     for line in log_text.splitlines():
         if "| train_inner |" in line:
             stats = json.loads(line.split("| train_inner |", 1)[1])
-            losses[int(stats["num_updates"])] = stats["loss"]
+            losses[int(stats["num_updates"])] = stats[key]
     return losses
+
+
+def bare_config_file(directory: Path) -> Path:
+    """A run config that sets nothing a preset sets, so that `--set model.preset=NAME` brings the
+    preset's own model and training settings (the tiny config's train section would mask them).
+    corpus.source is required and unused by `lmforge train` and `lmforge evaluate`."""
+    path = directory / "bare.yaml"
+    path.write_text("name: bare\ncorpus:\n  source: unused-by-train-and-evaluate\n")
+    return path
+
+
+def lmforge_cli(capfd: pytest.CaptureFixture, *args: str) -> tuple[dict, str]:
+    """`lmforge ARGS` through the CLI's entry point in this process (a train's workers are torchrun's
+    processes, writing to the same stderr): the JSON it printed and everything written to stderr."""
+    import json
+
+    from lmforge import cli
+
+    capfd.readouterr()
+    status = cli.main(list(args))
+    out, err = capfd.readouterr()
+    assert status == 0, f"lmforge {args[0]} exited {status}:\n{err[-3000:]}"
+    return json.loads(out), err
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,9 @@ def test_named_shapes():
     gpt = preset_config("transformer_lm_gpt")
     assert gpt.model.arch == "transformer_lm_gpt" and gpt.train.tokens_per_sample == 1024  # GPT-2 small: 12 x 768
     wiki = preset_config("transformer_lm_wiki103")
-    assert wiki.model.options["adaptive_input_cutoff"] and wiki.model.adaptive_softmax_cutoff() == [20000, 60000]
+    assert wiki.model.adaptive_input_cutoff() == wiki.model.adaptive_softmax_cutoff() == [20000, 60000]
+    smaller = preset_config("transformer_lm_wiki103", model={"options": {"adaptive_softmax_cutoff": "500,1000"}})
+    assert smaller.model.adaptive_input_cutoff() == [500, 1000], "tied: the input's cutoffs follow the softmax's"
     lstm = preset_config("lstm_lm")
     assert lstm.model.criterion == "adaptive_loss" and lstm.model.adaptive_softmax_cutoff() == [10000, 20000]
 
@@ -59,15 +61,78 @@ def test_unknown_fairseq_option_fails_before_launch(fast_data_bin, tmp_path):
         preflight(cfg, str(fast_data_bin), str(tmp_path))
 
 
-@pytest.mark.parametrize("overrides", [
-    # lstm_lm with its adaptive softmax, cutoffs under this small vocabulary (~1.8k words); the
-    # hidden and output widths follow decoder_embed_dim
-    ["model.preset=lstm_lm", "model.options.adaptive_softmax_cutoff=500,1000", "model.options.decoder_embed_dim=64"],
-    ["model.criterion=label_smoothed_cross_entropy", "train.extra_args.label_smoothing=0.1"],
-], ids=["lstm_lm-adaptive_loss", "label_smoothing"])
-def test_cpu_sized_variants_run_a_batch(overrides, fast_data_bin, tmp_path):
-    from lmforge.training.train import dry_run
+#: Cutoffs under fast_data_bin's vocabulary (~1.8k words), as in tests/fairseq_api/test_model_shapes.py.
+SMALL_CUTOFFS = "500,1000"
+#: A transformer preset's layers and widths shrunk to what 2 CPU cores train in seconds.
+NARROW = ["model.options.decoder_layers=2", "model.options.decoder_embed_dim=64",
+          "model.options.decoder_ffn_embed_dim=256", "model.options.decoder_attention_heads=2"]
+#: Each shipped preset as a CPU-sized variant: its widths and vocabulary-sized options shrunk, its
+#: character kept (architecture, criterion, optimizer, scheduler, clipping, dropout, update_freq).
+CPU_SIZED = {
+    # the tiny preset is CPU-sized already; here it trains under the label-smoothed criterion
+    "tiny+label_smoothing": ["model.preset=tiny", "model.criterion=label_smoothed_cross_entropy",
+                             "train.extra_args.label_smoothing=0.1"],
+    "transformer_lm_gpt": ["model.preset=transformer_lm_gpt", *NARROW],
+    # adaptive input tied to the adaptive softmax (its cutoffs follow the softmax's), NAG with cosine
+    # restarts and update_freq 3 as in the recipe; the cosine period fits the run, and 3 batches of
+    # 128 tokens an update keep the 30 updates within one epoch
+    "transformer_lm_wiki103": ["model.preset=transformer_lm_wiki103", *NARROW,
+                               f"model.options.adaptive_softmax_cutoff={SMALL_CUTOFFS}",
+                               "train.extra_args.lr_period_updates=25", "train.max_tokens=128"],
+    # the hidden and output widths follow decoder_embed_dim
+    "lstm_lm": ["model.preset=lstm_lm", "model.options.decoder_embed_dim=64",
+                f"model.options.adaptive_softmax_cutoff={SMALL_CUTOFFS}"],
+}
+#: A 30-update run of 256-token batches of 64-token samples, a loss logged at every update; the
+#: warm-up shrunk with the run (the presets warm up over 4,000-16,000 updates).
+SHORT_RUN = ["train.nproc=1", "train.tokens_per_sample=64", "train.max_tokens=256", "train.max_update=30",
+             "train.max_epoch=0", "train.log_interval=1", "train.warmup_updates=5"]
 
-    cfg = config.load(TINY_CONFIG, ["train.nproc=1", "train.max_tokens=512", f"train.cache_dir={tmp_path}", *overrides])
-    report = dry_run(cfg, fast_data_bin, tmp_path / "ckpt")
-    assert math.isfinite(report["batch"]["loss_base2"]) and report["batch"]["loss_base2"] > 0
+
+@pytest.fixture
+def forget_allowlist():
+    """Empties torch.load's allowlist, as a fresh process has it: lmforge adds to it for the whole
+    process (`fairseq_api.calls.allow_legacy_checkpoints`), so each call that reads a checkpoint
+    starts from none here. The allowlist is put back afterwards."""
+    import torch
+
+    saved = torch.serialization.get_safe_globals()
+    yield torch.serialization.clear_safe_globals
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(CPU_SIZED))
+def test_cpu_sized_preset_trains_evaluates_and_scores(variant, fast_data_bin, tmp_path, capfd, forget_allowlist):
+    """`lmforge train` of the CPU-sized variant: 30 updates, its loss falling; `lmforge evaluate`
+    of its best checkpoint: a finite perplexity below the vocabulary's size (a uniform guess);
+    the registered model's scorer reads the checkpoint and scores text."""
+    import time
+
+    from conftest import bare_config_file, lmforge_cli, train_inner_losses
+    from fairseq.data import Dictionary
+
+    from lmforge.models.scoring import FairseqLanguageModel
+
+    settings = [x for o in (*SHORT_RUN, *CPU_SIZED[variant], f"train.cache_dir={tmp_path / 'cache'}") for x in ("--set", o)]
+    common = ["--config", str(bare_config_file(tmp_path)), "--data-bin", str(fast_data_bin), *settings]
+    started = time.perf_counter()
+    summary, log = lmforge_cli(capfd, "train", *common, "--checkpoints", str(tmp_path / "ckpt"))
+    trained = time.perf_counter() - started
+    losses = train_inner_losses(log)
+    assert summary["num_updates"] == 30 and sorted(losses) == list(range(1, 31))
+    first, last = float(losses[1]), float(losses[30])
+    assert last < first, f"{variant}: loss {first} at update 1, {last} at update 30"
+
+    forget_allowlist()
+    result, _ = lmforge_cli(capfd, "evaluate", *common, "--checkpoint", summary["checkpoint_best"])
+    words = len(Dictionary.load(str(fast_data_bin / "dict.txt")))
+    assert math.isfinite(result["perplexity"]) and 1 < result["perplexity"] < words
+
+    # what a serving process does first: read the checkpoint with fairseq's hub loader
+    forget_allowlist()
+    model = FairseqLanguageModel.from_files(summary["checkpoint_best"], fast_data_bin / "dict.txt")
+    (row,) = model.predict(None, ["the cat sat on the mat"]).to_dict("records")
+    assert math.isfinite(row["log_prob"]) and row["tokens"] == 6
+    print(f"\n| {variant} | 30 | {first} | {last} | {result['perplexity']:.1f} | {trained:.1f} s |")

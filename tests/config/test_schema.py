@@ -33,6 +33,19 @@ def test_adaptive_softmax_cutoff(model, cutoff):
     assert model.adaptive_softmax_cutoff() == cutoff
 
 
+@pytest.mark.parametrize("model, cutoff", [
+    (ModelConfig(arch="transformer_lm"), None),  # no adaptive input
+    (ModelConfig(arch="transformer_lm_gbw"), None),  # an adaptive softmax only
+    (ModelConfig(arch="transformer_lm_wiki103"), [20000, 60000]),  # fairseq's arch default
+    # tied to the softmax: its cutoffs follow the softmax's unless set
+    (ModelConfig(arch="transformer_lm_baevski_wiki103", options={"adaptive_softmax_cutoff": "500,1000"}), [500, 1000]),
+    (ModelConfig(arch="transformer_lm", options={"adaptive_input": True, "adaptive_input_cutoff": "(5, 50)"}), [5, 50]),
+    (ModelConfig(arch="transformer_lm", options={"adaptive_input": True, "adaptive_softmax_cutoff": "5,50"}), None),
+])
+def test_adaptive_input_cutoff(model, cutoff):
+    assert model.adaptive_input_cutoff() == cutoff
+
+
 def test_auto_launcher_is_pytorchjob_only_inside_a_pod():
     auto = TrainConfig(launcher="auto")
     assert auto.resolved_launcher({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == "pytorchjob"

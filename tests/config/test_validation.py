@@ -101,3 +101,24 @@ def test_a_problem_names_a_field_by_its_path_or_its_bare_name():
     assert not names_field("corpus.members.x: unknown split (use train, valid, test)", "train")
     assert without_unparsed(["train.lr: bad", "train.max_epoch: set max_epoch or max_update, or training never stops"],
                             ["train.max_update"]) == ["train.lr: bad"]
+
+
+def test_tied_adaptive_cutoffs_must_be_equal():
+    """transformer_lm_wiki103 ties its adaptive input to its softmax: fairseq asserts equal cutoffs
+    when it builds the model, after launch; the config says so before."""
+    wiki = {"corpus": {"source": "x"}, "model": {"preset": "transformer_lm_wiki103"}}
+    with pytest.raises(ConfigError, match=r"model.options.adaptive_input_cutoff: transformer_lm_wiki103 ties its "
+                                          r"adaptive input to its adaptive softmax.*input \[400, 1000\], softmax \[500, 1000\]"):
+        config.from_dict({**wiki, "model": {"preset": "transformer_lm_wiki103",
+                                            "options": {"adaptive_softmax_cutoff": "500,1000", "adaptive_input_cutoff": "400,1000"}}})
+    with pytest.raises(ConfigError, match=r"input \[500, 1000\], softmax \[20000, 60000\]"):  # the arch's default softmax
+        config.from_dict({"corpus": {"source": "x"}, "model": {"arch": "transformer_lm_wiki103", "criterion": "adaptive_loss",
+                                                               "options": {"adaptive_input_cutoff": "500,1000"}}})
+    same = config.from_dict({**wiki, "model": {"preset": "transformer_lm_wiki103",
+                                               "options": {"adaptive_softmax_cutoff": [500, 1000], "adaptive_input_cutoff": "500, 1000"}}})
+    assert same.model.adaptive_input_cutoff() == [500, 1000]
+    untied = config.from_dict({"corpus": {"source": "x"}, "model": {"options": {
+        "adaptive_input": True, "adaptive_input_cutoff": "400,1000", "adaptive_softmax_cutoff": "500,1000"}}})
+    assert untied.model.adaptive_input_cutoff() == [400, 1000]
+    with pytest.raises(ConfigError, match=r"model.options.adaptive_input_cutoff: \[1000, 400\] must be increasing"):
+        config.from_dict({"corpus": {"source": "x"}, "model": {"options": {"adaptive_input": True, "adaptive_input_cutoff": "1000,400"}}})

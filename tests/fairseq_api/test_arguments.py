@@ -128,3 +128,16 @@ def test_widths_the_user_sets_are_kept():
     # no decoder_embed_dim: the architecture's own width and fairseq's own rule; other models untouched
     assert model_options("transformer_lm_gpt", {"decoder_layers": 2}) == {"decoder_layers": 2}
     assert model_options("fconv_lm", {"decoder_embed_dim": 256}) == {"decoder_embed_dim": 256}
+
+
+def test_a_tied_adaptive_input_takes_the_softmax_cutoffs():
+    """fairseq asserts that tied cutoffs are the same text: the input's follows the softmax's."""
+    wiki = ["model.preset=transformer_lm_wiki103", "model.arch=transformer_lm_wiki103", "model.criterion=adaptive_loss"]
+    args = train_args(config.load(TINY, [*wiki, "model.options.adaptive_softmax_cutoff=500,1000"]), "/d", "/c")
+    assert value_after(args, "--adaptive-input-cutoff") == value_after(args, "--adaptive-softmax-cutoff") == "500,1000"
+    as_written = config.load(TINY, [*wiki, "model.options.adaptive_softmax_cutoff=500,1000",
+                                    "model.options.adaptive_input_cutoff=(500, 1000)"])
+    assert value_after(train_args(as_written, "/d", "/c"), "--adaptive-input-cutoff") == "500,1000"
+    untied = config.load(TINY, ["model.options.adaptive_input=true", "model.options.adaptive_input_cutoff=400,1000",
+                                "model.options.adaptive_softmax_cutoff=500,1000"])
+    assert value_after(train_args(untied, "/d", "/c"), "--adaptive-input-cutoff") == "400,1000"

@@ -153,6 +153,15 @@ def test_preflight_checks_data_and_machine(fast_data_bin, tmp_path):
     too_big = config.load(TINY_CONFIG, ["model.preset=lstm_lm", "model.options.adaptive_softmax_cutoff=1000,5000"])
     with pytest.raises(LmforgeError, match=r"5000 exceeds the vocabulary of \d+ symbols"):
         preflight(too_big, str(fast_data_bin), str(tmp_path))
+    # an adaptive input (fairseq asserts its cutoffs after launch); tied, only the softmax is named
+    untied_input = config.load(TINY_CONFIG, ["model.options.adaptive_input=true", "model.options.adaptive_input_cutoff=500,5000"])
+    with pytest.raises(LmforgeError, match=r"cannot train: model.options.adaptive_input_cutoff: 500,5000 exceeds"):
+        preflight(untied_input, str(fast_data_bin), str(tmp_path))
+    with pytest.raises(LmforgeError) as info:
+        preflight(config.load(TINY_CONFIG, ["model.preset=transformer_lm_wiki103", "model.arch=transformer_lm_wiki103",
+                                            "model.criterion=adaptive_loss"]), str(fast_data_bin), str(tmp_path))
+    assert "adaptive_softmax_cutoff: 20000,60000 exceeds" in str(info.value)
+    assert "adaptive_input_cutoff" not in str(info.value)
     import torch
 
     if not torch.cuda.is_available():

@@ -34,6 +34,7 @@ from lmforge.config.loading import (
 from lmforge.config.schema import (
     ADAPTIVE_SOFTMAX_ARCHS,
     SPLITS,
+    TIED_ADAPTIVE_ARCHS,
     ClusterConfig,
     CorpusChecksConfig,
     CorpusConfig,
@@ -63,7 +64,8 @@ from lmforge.config.validation import (
 from lmforge.errors import ConfigError  # what loading and validation raise
 
 __all__ = [
-    "ADAPTIVE_SOFTMAX_ARCHS", "PRECISIONS", "SHIPPED", "SPLITS", "STAGE_SECTIONS", "WORKER_OWNED_ARGS",
+    "ADAPTIVE_SOFTMAX_ARCHS", "PRECISIONS", "SHIPPED", "SPLITS", "STAGE_SECTIONS", "TIED_ADAPTIVE_ARCHS",
+    "WORKER_OWNED_ARGS",
     "ClusterConfig", "ConfigError", "CorpusChecksConfig", "CorpusConfig", "EvaluateConfig", "ModelConfig", "PreprocessConfig",
     "PyTorchJobConfig", "RegistryConfig", "RunConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
     "alias_problem", "alias_problems", "apply_overrides", "cluster_storage_problems", "content_key",

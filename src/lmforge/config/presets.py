@@ -43,11 +43,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Baevski & Auli's adaptive-input LM (fairseq's WikiText-103 recipe). The cutoffs suit a
     # WikiText-103-size vocabulary (267k words); the last must not exceed the dictionary's size.
+    # The adaptive input is tied to the softmax, so its cutoffs follow these
+    # (`fairseq_api.arguments.model_options`): model.options.adaptive_softmax_cutoff alone resizes both.
     "transformer_lm_wiki103": {
         "model": {
             "arch": "transformer_lm_wiki103",
             "criterion": "adaptive_loss",
-            "options": {"adaptive_softmax_cutoff": "20000,60000", "adaptive_input_cutoff": "20000,60000"},
+            "options": {"adaptive_softmax_cutoff": "20000,60000"},
         },
         "train": {
             "tokens_per_sample": 3072, "max_tokens": 3072, "update_freq": 3, "optimizer": "nag", "lr": 1.0,

@@ -1,7 +1,7 @@
 """The run config's schema: frozen dataclasses, one per YAML section, each field documented.
 
 In: nothing (pure types). Out: `RunConfig` and its sections, with the values derived from them
-as methods (`TrainConfig.world_size`, `ModelConfig.adaptive_softmax_cutoff`,
+as methods (`TrainConfig.world_size`, `ModelConfig.adaptive_softmax_cutoff`/`adaptive_input_cutoff`,
 `TrainConfig.resolved_launcher`/`RunConfig.resolve_launcher`), and `field_docs` for
 
     lmforge config docs
@@ -24,8 +24,29 @@ from lmforge.images import TRAINER_IMAGE
 
 SPLITS = ("train", "valid", "test")
 # Architectures whose decoder builds an adaptive softmax by default (fairseq's arch defaults).
-ADAPTIVE_SOFTMAX_ARCHS = {"transformer_lm_wiki103": "20000,60000", "transformer_lm_gbw": "60000,160000",
+ADAPTIVE_SOFTMAX_ARCHS = {"transformer_lm_wiki103": "20000,60000", "transformer_lm_baevski_wiki103": "20000,60000",
+                          "transformer_lm_gbw": "60000,160000", "transformer_lm_baevski_gbw": "60000,160000",
                           "lstm_lm": "10000,50000,200000"}
+# Architectures with an adaptive input tied to their adaptive softmax by default (fairseq's arch
+# defaults: adaptive_input, tie_adaptive_weights, adaptive_input_cutoff). fairseq asserts, when it
+# builds the model, that tied cutoffs are the same text.
+TIED_ADAPTIVE_ARCHS = {"transformer_lm_wiki103": "20000,60000", "transformer_lm_baevski_wiki103": "20000,60000"}
+
+
+def ties_adaptive_weights(arch: str, options: Mapping[str, Any]) -> bool:
+    """Whether the model shares its adaptive input's weights with its adaptive softmax."""
+    return arch in TIED_ADAPTIVE_ARCHS or options.get("tie_adaptive_weights") is True
+
+
+def parse_cutoffs(raw: Any) -> list[int] | None:
+    """'500,1000', '(500, 1000)' or [500, 1000] -> [500, 1000]; None for none; [] when not integers."""
+    if raw is None or raw == "":
+        return None
+    try:
+        return [int(x) for x in (raw if isinstance(raw, (list, tuple)) else str(raw).strip("()[] ").split(","))
+                if str(x).strip()]
+    except ValueError:
+        return []
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -140,13 +161,21 @@ class ModelConfig:
         """
         if self.arch.startswith("lstm") and self.criterion != "adaptive_loss":
             return None
-        raw = self.options.get("adaptive_softmax_cutoff") or ADAPTIVE_SOFTMAX_ARCHS.get(self.arch)
-        if not raw:
+        return parse_cutoffs(self.options.get("adaptive_softmax_cutoff") or ADAPTIVE_SOFTMAX_ARCHS.get(self.arch))
+
+    def adaptive_input_cutoff(self) -> list[int] | None:
+        """The adaptive input's cutoffs; None without an adaptive input ([] when not integers).
+
+        transformer_lm_wiki103 builds one (tied to its adaptive softmax), any transformer LM with
+        model.options.adaptive_input. Tied, a cutoff set on one side only is the other's too
+        (`fairseq_api.arguments.model_options`).
+        """
+        if not (self.arch in TIED_ADAPTIVE_ARCHS or self.options.get("adaptive_input") is True):
             return None
-        try:
-            return [int(x) for x in str(raw).strip("()[] ").split(",") if x.strip()]
-        except ValueError:
-            return []
+        raw = self.options.get("adaptive_input_cutoff")
+        if raw is None and ties_adaptive_weights(self.arch, self.options):
+            raw = self.options.get("adaptive_softmax_cutoff")
+        return parse_cutoffs(raw or TIED_ADAPTIVE_ARCHS.get(self.arch))
 
 
 @dataclass(frozen=True)

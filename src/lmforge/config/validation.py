@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
-from lmforge.config.schema import SPLITS, ClusterConfig, CorpusChecksConfig, RunConfig
+from lmforge.config.schema import (
+    SPLITS, ClusterConfig, CorpusChecksConfig, RunConfig, parse_cutoffs, ties_adaptive_weights,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -185,9 +187,18 @@ def validate_training(cfg: RunConfig) -> list[str]:
                 f"model.criterion: adaptive_loss needs an adaptive softmax; set model.options.adaptive_softmax_cutoff "
                 f"for {m.arch!r} or use the transformer_lm_wiki103 or lstm_lm preset"
             )
-    cutoff = m.adaptive_softmax_cutoff()
-    if cutoff is not None and (not cutoff or any(b <= a for a, b in zip(cutoff, cutoff[1:])) or cutoff[0] <= 0):
-        p.append(f"model.options.adaptive_softmax_cutoff: {cutoff} must be increasing positive integers")
+    for name, cutoff in (("adaptive_softmax_cutoff", m.adaptive_softmax_cutoff()),
+                         ("adaptive_input_cutoff", m.adaptive_input_cutoff())):
+        if cutoff is not None and (not cutoff or any(b <= a for a, b in zip(cutoff, cutoff[1:])) or cutoff[0] <= 0):
+            p.append(f"model.options.{name}: {cutoff} must be increasing positive integers")
+    input_cutoff = parse_cutoffs(m.options.get("adaptive_input_cutoff"))
+    if ties_adaptive_weights(m.arch, m.options) and input_cutoff is not None and input_cutoff != m.adaptive_softmax_cutoff():
+        # fairseq asserts it when it builds the model, i.e. after launch
+        p.append(
+            f"model.options.adaptive_input_cutoff: {m.arch} ties its adaptive input to its adaptive softmax, so the "
+            f"cutoffs must be equal (input {input_cutoff}, softmax {m.adaptive_softmax_cutoff()}); set "
+            "adaptive_softmax_cutoff alone, the input follows"
+        )
     if t.bmuf and not distributed:
         p.append("train.bmuf: BMUF synchronizes replicas; it needs nnodes x nproc > 1")
     j = t.pytorchjob

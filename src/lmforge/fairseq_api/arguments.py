@@ -19,6 +19,7 @@ from typing import Any
 
 from lmforge import tasks
 from lmforge.config import RunConfig
+from lmforge.config.schema import ties_adaptive_weights
 from lmforge.training.distributed import Placement
 
 __all__ = ["PRECISION_FLAGS", "WIDTH_FOLLOWERS", "Placement", "model_options", "option_args", "train_args"]
@@ -66,17 +67,25 @@ def model_family(arch: str) -> str | None:
 
 
 def model_options(arch: str, options: dict[str, Any], extra_args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`options` plus the widths that follow decoder_embed_dim where neither mapping sets them.
+    """`options` plus the widths that follow decoder_embed_dim where neither mapping sets them, and
+    the adaptive input's cutoffs that follow a tied adaptive softmax's.
 
     {decoder_embed_dim: 64} with transformer_lm -> also decoder_input_dim 64, decoder_output_dim 64.
     Without decoder_embed_dim the architecture's own width applies, and fairseq's own rule with it.
+    {adaptive_softmax_cutoff: '500,1000'} with transformer_lm_wiki103 -> also adaptive_input_cutoff
+    '500,1000': fairseq asserts that tied cutoffs are the same text, and the architecture's default
+    input cutoff (20000,60000) exceeds a small dictionary (`config.validation` refuses unequal ones).
     """
     given = {**options, **(extra_args or {})}
+    out = dict(options)
     width = given.get("decoder_embed_dim")
-    if width is None:
-        return dict(options)
-    followers = WIDTH_FOLLOWERS.get(model_family(arch) or "", ())
-    return {**options, **{name: width for name in followers if given.get(name) is None}}
+    if width is not None:
+        followers = WIDTH_FOLLOWERS.get(model_family(arch) or "", ())
+        out.update({name: width for name in followers if given.get(name) is None})
+    cutoff = given.get("adaptive_softmax_cutoff")
+    if cutoff is not None and ties_adaptive_weights(arch, given):
+        out["adaptive_input_cutoff"] = cutoff
+    return out
 
 
 PRECISION_FLAGS = {

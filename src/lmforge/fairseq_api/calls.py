@@ -5,6 +5,8 @@ In: argument lists built by `lmforge.fairseq_api.arguments`. Out: fairseq's own 
 `eval_lm` returns loss, perplexity and tokens, `dry_run` one epoch's batching, the model's
 parameter count and shapes (`model_shapes`) and one real batch, `check_train_args` refuses
 what fairseq-train's parser refuses (a one-line LmforgeError naming the option), `architectures`/`criteria` list fairseq's registries.
+`allow_legacy_checkpoints` lets fairseq's loader read lstm_lm checkpoints under torch >= 2.6 (train, eval-lm, and
+`lmforge.models.scoring` call it).
 fairseq is imported inside each function: importing it costs ~5 s and is only needed here.
 
     lmforge worker ...  (train), lmforge evaluate ...  (eval_lm), lmforge train --dry-run ...  (dry_run)
@@ -85,6 +87,18 @@ def check_train_args(argv: list[str]) -> None:
     _parse(options.get_training_parser, argv)
 
 
+def allow_legacy_checkpoints() -> None:
+    """Let fairseq's own loader (resume, eval-lm, the hub) read checkpoints of models configured by
+    an argparse.Namespace rather than a dataclass (lstm_lm): their cfg pickles one, and torch >= 2.6
+    loads with weights_only=True unless told otherwise, which refuses every class it does not know.
+    A Namespace holds plain attributes, so allowing it keeps the loader's protection otherwise."""
+    import argparse
+
+    import torch
+
+    torch.serialization.add_safe_globals([argparse.Namespace])
+
+
 def train(
     argv: list[str],
     *,
@@ -101,6 +115,7 @@ def train(
     from fairseq import options
 
     cfg = _parse(options.get_training_parser, argv)
+    allow_legacy_checkpoints()
     with _training_hooks(on_checkpoint, stop_requested):
         from fairseq.distributed import utils as distributed_utils
         from fairseq_cli import train as fairseq_train
@@ -297,6 +312,7 @@ def eval_lm(argv: list[str]) -> dict[str, float]:
     from fairseq_cli import eval_lm as fairseq_eval_lm
 
     cfg = _parse(options.get_eval_lm_parser, argv)
+    allow_legacy_checkpoints()
     counter = _TokenCounter()
     eval_logger = logging.getLogger(fairseq_eval_lm.__name__)
     eval_logger.addHandler(counter)

@@ -233,7 +233,9 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
         # No tokenizer directory (a model logged before tokenizers were packaged): whitespace tokens.
         self._tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else _Whitespace()
         hub_utils = _import_fairseq_hub_utils()
+        from lmforge.fairseq_api.calls import allow_legacy_checkpoints
 
+        allow_legacy_checkpoints()  # an lstm_lm checkpoint pickles an argparse.Namespace
         checkpoint, dict_path = Path(checkpoint).resolve(), Path(dict_path).resolve()
         # fairseq's hub loader wants one directory holding the checkpoint, and reads the
         # dictionary from `data_name_or_path`/dict.txt. Staging both under fixed names in a

@@ -8,7 +8,7 @@ Running again with the same checkpoint location resumes from the newest checkpoi
 
 Before anything starts, `preflight` checks what the config cannot check alone: the data-bin
 (splits present and readable by fairseq: lmforge.data.integrity; vocabulary size against
-adaptive softmax cutoffs) and the machine or cluster the launcher will use. `dry_run` adds
+adaptive softmax and input cutoffs) and the machine or cluster the launcher will use. `dry_run` adds
 fairseq's own view of one epoch, the model as built (parameter count, embedding, layers and
 widths), one real batch, and the checkpoint training would resume from (and those it would
 pass over, with the reason).
@@ -64,14 +64,17 @@ def data_problems(cfg: RunConfig, data_bin: str) -> list[str]:
         return problems
     present = [name for split in TRAINING_SPLITS for name in task.split_files(split) if name in names]
     problems += integrity.data_bin_problems(data_bin, present, task.dictionary)
-    cutoff = cfg.model.adaptive_softmax_cutoff()
-    if cutoff:
+    softmax, inputs = cfg.model.adaptive_softmax_cutoff(), cfg.model.adaptive_input_cutoff()
+    # a tied adaptive input follows the softmax's cutoffs: one problem, named where to change it
+    cutoffs = {"adaptive_softmax_cutoff": softmax, "adaptive_input_cutoff": inputs if inputs != softmax else None}
+    if any(cutoffs.values()):
         vocab = SPECIAL_SYMBOLS + sum(1 for line in storage.read_text(storage.join(data_bin, "dict.txt")).splitlines() if line.strip())
-        if cutoff[-1] > vocab:
-            problems.append(
-                f"model.options.adaptive_softmax_cutoff: {','.join(map(str, cutoff))} exceeds the vocabulary of "
-                f"{vocab} symbols; lower the cutoffs (e.g. {vocab // 3},{2 * vocab // 3})"
-            )
+        for name, cutoff in cutoffs.items():
+            if cutoff and cutoff[-1] > vocab:
+                problems.append(
+                    f"model.options.{name}: {','.join(map(str, cutoff))} exceeds the vocabulary of "
+                    f"{vocab} symbols; lower the cutoffs (e.g. {vocab // 3},{2 * vocab // 3})"
+                )
     return problems
 
 
