@@ -37,6 +37,19 @@ needs_wikitext = pytest.mark.skipif(
 _session: dict[str, pytest.TempPathFactory] = {}
 
 
+@pytest.fixture(autouse=True)
+def _print_restored():
+    """builtins.print as it was before each test. KFP's local runner indents task logs by swapping
+    builtins.print per task, which is not thread-safe: a test that runs a ParallelFor through
+    kfp.local directly can leave an indenting print behind, and every later test's output would
+    start with spaces (`lmforge run` restores it itself: pipeline/local_run.py)."""
+    import builtins
+
+    original = builtins.print
+    yield
+    builtins.print = original
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _temp_for_generated_text(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Lets corpus_text() write the generated text under this session's temporary folder."""
