@@ -143,7 +143,7 @@ def test_a_step_that_failed_without_a_report_is_named_from_kfps_message(tmp_path
     cfg = config.load(TINY_CONFIG, [f"storage.root={tmp_path}"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.pipeline_run(uri, cfg.tracking.experiment, "kfp-1", storage_root=tmp_path)
-    scratch = local_run.RunScratch(tmp_path / "scratch")
+    scratch = local_run.RunScratch(tmp_path / "scratch", tmp_path / "tmp")
     scratch.root.mkdir()
     scratch.run_file.write_text(run_id + "\n")
     with pytest.raises(RuntimeError) as kfp_said:  # KFP's own words, terminal colours included

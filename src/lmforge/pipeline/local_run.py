@@ -9,9 +9,9 @@ outputs (model URI, perplexity, MLflow run) plus where everything landed.
   (lmforge.pipeline.docker_run says what the containers see).
 
 KFP's working files are under `<storage.root>/kfp-local` either way, and so is the run's
-scratch, removed when the run ends: the files the steps report to (`lmforge.steps`) and the
-steps' temporary directory (TMPDIR), so that KFP's `tmp.*` folders (ephemeral_component.py),
-torchrun's and multiprocessing's leave nothing in the system's temporary directory.
+scratch, removed when the run ends: the files the steps report to (`lmforge.steps`). The steps'
+temporary directory (TMPDIR) is a short folder of the system's, removed with it, so that KFP's
+`tmp.*` folders (ephemeral_component.py), torchrun's and multiprocessing's leave nothing behind.
 
 A run that fails or is stopped ends its MLflow run FAILED or KILLED, tagged with the failing
 step and the one-line error (`lmforge.tracking`): the step does it where it can; the run does
@@ -74,8 +74,13 @@ def run_pipeline(cfg: RunConfig, runner: str = "subprocess") -> dict[str, Any]:
     tempfile.gettempdir()
     # Under KFP's pipeline root, which a step container has mounted at the same path: the runner itself
     # only says "FAILURE", the steps report here what failed and which MLflow run is the pipeline's.
-    with tempfile.TemporaryDirectory(prefix="run-", dir=kfp_root, ignore_cleanup_errors=True) as tmp:
-        scratch = RunScratch(Path(tmp))
+    # The steps' TMPDIR is a short folder of the system's temporary directory, not one under the
+    # storage root: Unix socket paths are limited to 107 bytes, and multiprocessing's listeners
+    # (pymp-*, which torch's DataLoader workers use to pass tensors) live in TMPDIR; a deep one
+    # makes them fail and training hang. Removed with the run like the rest of the scratch.
+    with tempfile.TemporaryDirectory(prefix="run-", dir=kfp_root, ignore_cleanup_errors=True) as tmp, \
+            tempfile.TemporaryDirectory(prefix="lmforge-", ignore_cleanup_errors=True) as steps_tmp:
+        scratch = RunScratch(Path(tmp), Path(steps_tmp))
         with _environment(scratch.environment()), _print_kept(), _stops_passed_to_steps() as stops, \
                 _kfp_runner(runner, cfg, kfp_root) as kfp_runner:
             local.init(runner=kfp_runner, pipeline_root=str(kfp_root))
@@ -111,6 +116,7 @@ class RunScratch:
     """The run's scratch directory: the steps' reports and their temporary directory."""
 
     root: Path
+    tmp: Path  # the steps' TMPDIR
 
     @property
     def error_file(self) -> Path:
@@ -123,9 +129,8 @@ class RunScratch:
     def environment(self) -> dict[str, str]:
         """What the steps are told (docker_run passes LMFORGE_* into the step containers, and leaves
         TMPDIR out: a container's /tmp goes with it)."""
-        (self.root / "tmp").mkdir(exist_ok=True)
         return {steps.ERROR_FILE_ENV: str(self.error_file), steps.RUN_FILE_ENV: str(self.run_file),
-                "TMPDIR": str(self.root / "tmp")}
+                "TMPDIR": str(self.tmp)}
 
     def reported(self, path: Path) -> str:
         return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
