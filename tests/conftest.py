@@ -412,8 +412,8 @@ import docker_env  # noqa: E402
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The container tests run after the main suite (as .ci/run promises): a stable sort keeps
-    every other test in its order."""
+    """Where a run includes the container tests (a `-m` that selects them), they run last: a stable
+    sort keeps every other test in its order."""
     items.sort(key=lambda item: item.get_closest_marker("docker") is not None)
 
 
