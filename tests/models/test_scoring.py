@@ -360,3 +360,22 @@ def test_the_model_server_says_how_much_of_a_text_was_unknown(served):
     assert (unknown["unk_tokens"], unknown["unk_fraction"]) == (3, 1.0)
     assert (real["unk_tokens"], real["unk_fraction"]) == (0, 0.0)
     assert (none["tokens"], none["unk_tokens"]) == (1, 1)
+
+
+def test_a_damaged_checkpoint_or_dictionary_is_one_line(tiny_lm, tmp_path):
+    """The scorer (the pyfunc's load_context and from_files) names the damaged file, as train,
+    evaluate and register do (lmforge.data.integrity), instead of fairseq's traceback."""
+    from lmforge.errors import LmforgeError
+    from lmforge.models.scoring import FairseqLanguageModel
+
+    truncated = tmp_path / "checkpoint.pt"
+    truncated.write_bytes(tiny_lm.checkpoint.read_bytes()[:4096])
+    with pytest.raises(LmforgeError) as info:
+        FairseqLanguageModel.from_files(truncated, tiny_lm.dict_path, tokenizer_dir=tiny_lm.data_bin)
+    line = str(info.value)
+    assert line.startswith("cannot load the model: checkpoint ") and str(truncated) in line and "\n" not in line
+    duplicated = tmp_path / "dict.txt"
+    first = tiny_lm.dict_path.read_text().splitlines()[0]
+    duplicated.write_text(tiny_lm.dict_path.read_text() + first + "\n")
+    with pytest.raises(LmforgeError, match=r"cannot load the model: .*dict\.txt lists a symbol twice"):
+        FairseqLanguageModel.from_files(tiny_lm.checkpoint, duplicated, tokenizer_dir=tiny_lm.data_bin)

@@ -237,6 +237,13 @@ class FairseqLanguageModel(mlflow.pyfunc.PythonModel):
 
         allow_legacy_checkpoints()  # an lstm_lm checkpoint pickles an argparse.Namespace
         checkpoint, dict_path = Path(checkpoint).resolve(), Path(dict_path).resolve()
+        from lmforge.data import integrity
+
+        # What fairseq's loader would meet as a traceback (a truncated checkpoint, a dictionary
+        # with a duplicate), named in one line first.
+        unreadable = integrity.model_problems(checkpoint, dict_path)
+        if unreadable:
+            raise LmforgeError("cannot load the model: " + "; ".join(unreadable))
         # fairseq's hub loader wants one directory holding the checkpoint, and reads the
         # dictionary from `data_name_or_path`/dict.txt. Staging both under fixed names in a
         # fresh directory makes the artifact file names irrelevant, keeps stray files (a
