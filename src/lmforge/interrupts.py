@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -37,15 +37,29 @@ def is_stop(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def raised_on_stop_signals() -> Iterator[None]:
-    """The first SIGTERM or SIGINT in the block raises Interrupted in the main thread; later ones are
-    ignored until the block has unwound, so that a second SIGTERM (as `timeout` and supervisors send)
-    or a second Ctrl-C does not cut the cleanup short. Outside the main thread (signals reach only
-    it) the block runs as it is. Handlers installed inside the block (a launcher's) take precedence
-    while they are installed."""
+def stop_signals_handled_by(
+    handler: Callable[[int, Any], None], signals: tuple[int, ...] = STOP_SIGNALS
+) -> Iterator[None]:
+    """`handler` takes the stop signals (SIGTERM and SIGINT unless told) for the block, and the
+    previous handlers come back after it. Outside the main thread (signals reach only it) the
+    block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+
+
+@contextlib.contextmanager
+def raised_on_stop_signals() -> Iterator[None]:
+    """The first SIGTERM or SIGINT in the block raises Interrupted in the main thread; later ones are
+    ignored until the block has unwound, so that a second SIGTERM (as `timeout` and supervisors send)
+    or a second Ctrl-C does not cut the cleanup short. Handlers installed inside the block (a
+    launcher's) take precedence while they are installed."""
     received: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:
@@ -54,9 +68,5 @@ def raised_on_stop_signals() -> Iterator[None]:
         received.append(signum)
         raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    try:
+    with stop_signals_handled_by(stop):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -40,7 +40,7 @@ from typing import Any
 from lmforge import tracking
 from lmforge.config import RunConfig
 from lmforge.errors import LmforgeError
-from lmforge.interrupts import Interrupted
+from lmforge.interrupts import Interrupted, stop_signals_handled_by
 from lmforge.io import storage
 from lmforge.io.uris import parse_location
 
@@ -309,10 +309,6 @@ def removed_on_signal(containers: StepContainers) -> Iterator[None]:
     it unwinds, and they return only once their containers are gone, so they go first, from the
     handler. Further signals are ignored until the run has unwound: a second SIGTERM (as `timeout`
     and some supervisors send) must not cut the removal short."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-
     def stop(signum: int, frame: Any) -> None:
         if containers.stopping:
             return
@@ -324,12 +320,8 @@ def removed_on_signal(containers: StepContainers) -> Iterator[None]:
             raise KeyboardInterrupt
         raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    try:
+    with stop_signals_handled_by(stop, STOP_SIGNALS):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
