@@ -282,16 +282,19 @@ def test_s3_source(s3_bucket, splits, wikitext_zip, tmp_path, monkeypatch):
     with pytest.raises(LmforgeError, match="NoSuchKey"):
         download_corpus("s3://corpora/missing.zip", tmp_path / "out2", **FAST)
 
+def download_through(proxy: CuttingProxy, wikitext_zip, out):
+    """The WikiText archive from the moto bucket through `proxy` (closed afterwards); its manifest."""
+    try:
+        return download_corpus("s3://corpora/wikitext/wikitext-2-v1.zip", out, sha256=sha(wikitext_zip),
+                               endpoint_url=proxy.url, **FAST)
+    finally:
+        proxy.close()
+
+
 def test_s3_dropped_body_resumes_with_a_ranged_if_match_get(s3_bucket, moto_endpoint, splits, wikitext_zip, tmp_path):
     proxy = CuttingProxy(moto_endpoint)
     proxy.plan[0] = ("cut", 60_000)  # headers (< 1 KiB) and the first ~59 KB of the body
-    try:
-        manifest = download_corpus(
-            "s3://corpora/wikitext/wikitext-2-v1.zip", tmp_path / "out", sha256=sha(wikitext_zip),
-            endpoint_url=proxy.url, **FAST,
-        )
-    finally:
-        proxy.close()
+    manifest = download_through(proxy, wikitext_zip, tmp_path / "out")
     assert_output(tmp_path / "out", splits, manifest)
     assert len(proxy.sent) == 2
     first, second = (bytes(s).lower() for s in proxy.sent)
@@ -307,13 +310,7 @@ def test_s3_503_is_retried_by_botocore(s3_bucket, moto_endpoint, splits, wikitex
         b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body,
     )
-    try:
-        manifest = download_corpus(
-            "s3://corpora/wikitext/wikitext-2-v1.zip", tmp_path / "out", sha256=sha(wikitext_zip),
-            endpoint_url=proxy.url, **FAST,
-        )
-    finally:
-        proxy.close()
+    manifest = download_through(proxy, wikitext_zip, tmp_path / "out")
     assert_output(tmp_path / "out", splits, manifest)
     assert len(proxy.sent) == 2
 
