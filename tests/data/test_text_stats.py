@@ -27,24 +27,19 @@ def test_text_stats_counts_like_fairseq_reads():
 
 @pytest.mark.parametrize("step", [1, 2, 3, 1000])
 def test_text_stats_chunking_and_utf8_offsets(step):
-    data = "héllo wörld\r\n€ x\r".encode() * 3 + b"tail"
-    stats = TextStats()
-    for i in range(0, len(data), step):
-        stats.update(data[i : i + step])
-    assert stats.finish() == text_stats(data)
+    def fed_in_chunks(data: bytes) -> dict:
+        stats = TextStats()
+        for i in range(0, len(data), step):
+            stats.update(data[i : i + step])
+        return stats.finish()
 
-    bad = "€€".encode() + b"\xff" + b"more"
-    stats = TextStats()
+    data = "héllo wörld\r\n€ x\r".encode() * 3 + b"tail"
+    assert fed_in_chunks(data) == text_stats(data)
+
     with pytest.raises(Exception) as err:
-        for i in range(0, len(bad), step):
-            stats.update(bad[i : i + step])
-        stats.finish()
+        fed_in_chunks("€€".encode() + b"\xff" + b"more")
     assert err.value.offset == 6
 
-    truncated = "ab€".encode()[:-1]  # an incomplete last character
-    stats = TextStats()
     with pytest.raises(Exception) as err:
-        for i in range(0, len(truncated), step):
-            stats.update(truncated[i : i + step])
-        stats.finish()
+        fed_in_chunks("ab€".encode()[:-1])  # an incomplete last character
     assert err.value.offset == 2
